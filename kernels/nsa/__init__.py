@@ -1,0 +1,22 @@
+"""Native Sparse Attention ops (see README.md beside this file for the math)."""
+from .api import (
+    BACKENDS,
+    compressed_attention,
+    nsa_attention,
+    select_blocks,
+    selection_attention,
+    window_attention,
+)
+from .layout import compressed_cu_seqlens, compression_blocks, num_compressed
+
+__all__ = [
+    "BACKENDS",
+    "compressed_attention",
+    "compressed_cu_seqlens",
+    "compression_blocks",
+    "nsa_attention",
+    "num_compressed",
+    "select_blocks",
+    "selection_attention",
+    "window_attention",
+]

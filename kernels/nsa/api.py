@@ -1,0 +1,235 @@
+"""Public NSA ops: argument checks, then dispatch to a backend.
+
+Shapes (batch B, queries T, keys Tk, compressed tokens Tc, query heads HQ, key/value heads H,
+group size G = HQ / H, head dims D for q/k and Dv for v):
+
+    q      [B, T, HQ, D]        k, v     [B, Tk, H, D], [B, Tk, H, Dv]
+    k_cmp  [B, Tc, H, D]        v_cmp    [B, Tc, H, Dv]
+    lse    [B, T, HQ]  fp32     idx      [B, T, H, top_n] int32, global block ids, -1 = empty
+    gates  [B, T, HQ]
+
+`q_offset` / `k_offset` give the global index of the first query / key when a tensor holds a
+slice of the sequence (a sequence-parallel shard, a halo); `cu_seqlens` (`[num_docs + 1]`,
+B == 1) packs documents; `seq_len` is the length of the whole sequence the slices come from
+(default: the end of the furthest slice). Backends: "torch" (fp32 reference, any device),
+"triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on CUDA tensors, torch otherwise).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .layout import num_compressed
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ops() is not None else "torch"
+    return backend
+
+
+def _triton_ops():
+    try:
+        from . import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _impl(backend: str, device: torch.device, name: str):
+    backend = _resolve_backend(backend, device)
+    if backend == "torch":
+        return getattr(reference, name)
+    ops = _triton_ops()
+    if ops is None or not hasattr(ops, name):
+        raise NotImplementedError(f"{name}: backend='triton' is not available in this install (needs triton "
+                                  f"and the Triton kernels); use backend='torch'")
+    return getattr(ops, name)
+
+
+def _check_4d(name, t):
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 4-D tensor [B, T, heads, dim], got {shape}")
+
+
+def _check_qkv(q, k, v, what="k"):
+    _check_4d("q", q)
+    _check_4d(what, k)
+    _check_4d(what.replace("k", "v"), v)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, {what} {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{what} and its values have different lengths: {k.shape[1]} vs {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"mismatched head counts: {what} has {k.shape[2]} heads, its values {v.shape[2]}; "
+                         "keys and values must have the same number of heads")
+    HQ, H = q.shape[2], k.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"query heads ({HQ}) are not divisible by key/value heads ({H}): GQA needs HQ = G * H")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims differ between q ({q.shape[-1]}) and {what} ({k.shape[-1]}); "
+                         "q and k need the same head dim (v may differ)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtypes differ: q {q.dtype}, {what} {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"tensors are on different devices: q {q.device}, {what} {k.device}, v {v.device}")
+
+
+def _check_positions(q, q_offset, k_len, k_offset, cu_seqlens, seq_len):
+    if q_offset < 0 or k_offset < 0:
+        raise ValueError(f"offsets must be >= 0, got q_offset={q_offset}, k_offset={k_offset}")
+    end = max(q_offset + q.shape[1], k_offset + k_len)
+    seq_len = end if seq_len is None else seq_len
+    if seq_len < end:
+        raise ValueError(f"seq_len={seq_len} is shorter than the slices passed in (they reach token {end})")
+    if cu_seqlens is None:
+        return seq_len
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs documents into one row: batch size must be 1, got {q.shape[0]}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [num_docs + 1] starting at 0")
+    cu = cu_seqlens.tolist()  # host sync: validation reads the document boundaries once
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu[:8]}...")
+    if cu[-1] != seq_len:
+        raise ValueError(f"lengths do not match cu_seqlens: the documents add up to {cu[-1]} tokens but the "
+                         f"sequence has {seq_len}; make cu_seqlens[-1] equal the (global) sequence length")
+    return seq_len
+
+
+def _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens, seq_len):
+    _check_qkv(q, k_cmp, v_cmp, what="k_cmp")
+    if block_len <= 0 or stride <= 0 or stride > block_len:
+        raise ValueError(f"need 0 < stride <= block_len, got block_len={block_len}, stride={stride}")
+    if cu_seqlens is None:
+        need = num_compressed(q_offset + q.shape[1], block_len, stride)
+        if k_cmp.shape[1] < need:
+            raise ValueError(f"k_cmp has {k_cmp.shape[1]} compressed tokens but queries up to token "
+                             f"{q_offset + q.shape[1]} can see {need}")
+    else:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        need = sum(num_compressed(n, block_len, stride) for n in lens)
+        if k_cmp.shape[1] != need:
+            raise ValueError(f"k_cmp has {k_cmp.shape[1]} compressed tokens but the documents of cu_seqlens "
+                             f"have {need} (per document max(0, (len - block_len) // stride + 1))")
+
+
+def _scale(scale, q):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len: int = 32, stride: int = 16, scale: float | None = None,
+                         q_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                         backend: str = "torch"):
+    """Attention of each query over the compressed tokens whose whole block lies in its past.
+
+    Compressed token `i` (of the query's document) covers keys `[i*stride, i*stride + block_len)`
+    and is visible to the query at position `t` iff `i*stride + block_len - 1 <= t`. A query that
+    sees none gets 0 and lse = -inf. Returns `(o [B, T, HQ, Dv], lse [B, T, HQ] fp32)`.
+    """
+    _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens, seq_len)
+    _check_positions(q, q_offset, 0, 0, cu_seqlens, seq_len)
+    fn = _impl(backend, q.device, "compressed_attention")
+    return fn(q, k_cmp, v_cmp, block_len=block_len, stride=stride, scale=_scale(scale, q), q_offset=q_offset,
+              cu_seqlens=cu_seqlens)
+
+
+def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, select_size: int = 64, top_n: int = 16,
+                  num_init: int = 1, num_local: int = 2, scale: float | None = None, q_offset: int = 0,
+                  cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None, backend: str = "torch"):
+    """Top-n selection blocks per (query, KV head), shared by the G query heads of the group.
+
+    Block importance = the compression branch's softmax (`exp(q·k_cmp*scale - lse)`), mapped onto
+    blocks of `select_size` keys by key overlap (Eq. 9) and summed over the group (Eq. 10). The
+    `num_init` first blocks and the `num_local` blocks ending at the query are always chosen; no
+    block starting after the query is ever chosen. Returns `idx [B, T, H, top_n]` int32, block
+    ids of the query's document ascending, -1 for empty slots. Not differentiable (top-n is
+    discrete): gradients reach the compression only through the compressed-attention output.
+    """
+    _check_compressed(q, k_cmp, k_cmp, block_len, stride, q_offset, cu_seqlens, seq_len)
+    _check_positions(q, q_offset, 0, 0, cu_seqlens, seq_len)
+    if select_size <= 0 or select_size % stride:
+        raise ValueError(f"select_size (l'={select_size}) must be a positive multiple of the compression stride "
+                         f"(d={stride})")
+    if top_n < num_init + num_local or num_init < 0 or num_local < 0:
+        raise ValueError(f"top_n={top_n} must be at least num_init + num_local = {num_init + num_local}")
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be [B, T, HQ] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    fn = _impl(backend, q.device, "select_blocks")
+    return fn(q.detach(), k_cmp.detach(), lse.detach(), block_len=block_len, stride=stride, select_size=select_size,
+              top_n=top_n, num_init=num_init, num_local=num_local, scale=_scale(scale, q), q_offset=q_offset,
+              cu_seqlens=cu_seqlens)
+
+
+def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | None = None, q_offset: int = 0,
+                        k_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                        backend: str = "torch"):
+    """Attention of each query over the keys of its selected blocks (`idx`), causal inside a block.
+
+    Block `b` of the query's document = keys at positions `[b*select_size, (b+1)*select_size)`;
+    only keys at positions <= the query's count. `k`/`v` hold global tokens starting at `k_offset`.
+    """
+    _check_qkv(q, k, v)
+    seq_len = _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens, seq_len)
+    if select_size <= 0:
+        raise ValueError(f"select_size must be positive, got {select_size}")
+    if idx.dim() != 4 or idx.shape[:3] != (q.shape[0], q.shape[1], k.shape[2]) or idx.dtype.is_floating_point:
+        raise ValueError(f"idx must be an integer tensor [B, T, H, top_n] = [{q.shape[0]}, {q.shape[1]}, "
+                         f"{k.shape[2]}, n], got {tuple(idx.shape)} {idx.dtype}")
+    fn = _impl(backend, q.device, "selection_attention")
+    return fn(q, k, v, idx, select_size=select_size, scale=_scale(scale, q), q_offset=q_offset, k_offset=k_offset,
+              cu_seqlens=cu_seqlens)
+
+
+def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, q_offset: int = 0,
+                     k_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                     backend: str = "torch"):
+    """Sliding-window attention: the query at position `t` sees keys at positions `(t - window, t]`
+    of its own document. `k`/`v` start at global token `k_offset` and must cover that window."""
+    _check_qkv(q, k, v)
+    _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens, seq_len)
+    if window <= 0:
+        raise ValueError(f"window must be positive, got {window} (to drop the sliding-window branch, pass "
+                         "window=0 to nsa_attention / NativeSparseAttention instead)")
+    fn = _impl(backend, q.device, "window_attention")
+    return fn(q, k, v, window=window, scale=_scale(scale, q), q_offset=q_offset, k_offset=k_offset,
+              cu_seqlens=cu_seqlens)
+
+
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len: int = 32, stride: int = 16,
+                  select_size: int = 64, top_n: int = 16, window: int = 512, num_init: int = 1, num_local: int = 2,
+                  scale: float | None = None, q_offset: int = 0, k_offset: int = 0,
+                  cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                  k_slc=None, v_slc=None, k_win=None, v_win=None, backend: str = "torch", return_idx: bool = False):
+    """`o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn(q, K_win, V_win)`.
+
+    `k`/`v` serve the selection and window branches unless `k_slc`/`v_slc`, `k_win`/`v_win` give
+    independent ones. `window=0` drops the sliding-window branch (then `g_win` may be None).
+    Gates are `[B, T, HQ]` (already through their sigmoid). Returns `o [B, T, HQ, Dv]`, and the
+    selected block ids too with `return_idx=True`.
+    """
+    k_slc = k if k_slc is None else k_slc
+    v_slc = v if v_slc is None else v_slc
+    k_win = k if k_win is None else k_win
+    v_win = v if v_win is None else v_win
+    pos = dict(scale=scale, q_offset=q_offset, cu_seqlens=cu_seqlens, seq_len=seq_len, backend=backend)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc)) + ((("g_win", g_win),) if window else ()):
+        if g is None or g.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B, T, HQ] = {tuple(q.shape[:3])}, got "
+                             f"{None if g is None else tuple(g.shape)}")
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_len=block_len, stride=stride, **pos)
+    idx = select_blocks(q, k_cmp, lse, block_len=block_len, stride=stride, select_size=select_size, top_n=top_n,
+                        num_init=num_init, num_local=num_local, **pos)
+    o = g_cmp.unsqueeze(-1) * o_cmp
+    o = o + g_slc.unsqueeze(-1) * selection_attention(q, k_slc, v_slc, idx, select_size=select_size,
+                                                      k_offset=k_offset, **pos)
+    if window:
+        o = o + g_win.unsqueeze(-1) * window_attention(q, k_win, v_win, window=window, k_offset=k_offset, **pos)
+    return (o, idx) if return_idx else o
