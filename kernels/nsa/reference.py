@@ -127,6 +127,12 @@ def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offse
     offs = torch.arange(select_size, device=q.device)
     outs = []
     for s, e in _query_chunks(T, HQ * n * select_size + H * n * select_size * (D + Dv) // max(G, 1)):
+        lo = max(0, int(qlay.doc_start[s]) - k_offset)
+        hi = min(Tk, q_offset + e - k_offset)
+        if hi - lo <= n * select_size:  # short range: masking all keys is cheaper than gathering blocks
+            outs.append(_selection_dense(qf[:, s:e], kf, vf, idx[:, s:e].long(), qlay, s, e, lo, hi, select_size,
+                                         scale, k_offset, cu_seqlens))
+            continue
         ic = idx[:, s:e].long()  # (B, C, H, n)
         kpos = (ic[..., None] * select_size + offs).flatten(-2)  # (B, C, H, n*l') position in document
         pos = qlay.pos[s:e].view(1, -1, 1, 1)
@@ -151,6 +157,23 @@ def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offse
     return o.to(q.dtype)
 
 
+def _selection_dense(qc, kf, vf, ic, qlay, s, e, lo, hi, select_size, scale, k_offset, cu_seqlens):
+    """Selected-block attention for one query chunk as a masked attention over keys [lo, hi)."""
+    H = kf.shape[2]
+    klay = token_layout(k_offset + lo, hi - lo, cu_seqlens, qc.device)
+    kblk = klay.pos // select_size  # (K,) block id of each key in its document
+    chosen = (ic[..., :, None] == kblk).any(-2)  # (B, C, H, K)
+    same_doc = klay.doc[None, :] == qlay.doc[s:e, None]
+    causal = klay.pos[None, :] <= qlay.pos[s:e, None]
+    valid = chosen & (same_doc & causal)[None, :, None, :]
+    qc = qc.unflatten(2, (H, -1))  # (B, C, H, G, D)
+    kc, vc = kf[:, lo:hi], vf[:, lo:hi]
+    scores = torch.einsum("bchgd,bkhd->bchgk", qc, kc) * scale
+    val = valid[:, :, :, None, :].expand_as(scores)
+    o, _ = _masked_softmax_attention(scores, val, lambda p: torch.einsum("bchgk,bkhd->bchgd", p, vc))
+    return o.flatten(2, 3)
+
+
 def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqlens=None):
     B, T, HQ, D = q.shape
     _, Tk, H, Dv = v.shape
@@ -164,7 +187,8 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
                          f"{int(g_first.min())} on, but k covers [{k_offset}, {k_offset + Tk}); pass the preceding "
                          f"window-1 keys (the halo) and set k_offset")
     outs = []
-    for s, e in _query_chunks(T, HQ * (window + 1)):
+    step = min(T, max(64, window))  # a chunk of about one window keeps the key band ~2 windows wide
+    for s, e in _query_chunks(T, max(HQ * (window + 1), _CHUNK_ELEMENTS // step)):
         lo = max(0, q_offset + s - window + 1 - k_offset)
         hi = min(Tk, q_offset + e - k_offset)
         qc = qf[:, s:e].unflatten(2, (H, G))

@@ -1,0 +1,6 @@
+"""nsa_dist: Native Sparse Attention for long-context training with the sequence sharded across GPUs."""
+from nsa_dist.layer import NativeSparseAttention, NSAConfig
+from nsa_dist.model import ModelConfig, NSATransformer
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "NativeSparseAttention", "NSAConfig", "NSATransformer", "__version__"]

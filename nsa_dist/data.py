@@ -1,0 +1,191 @@
+"""Byte-level training data: random windows of a file, or a synthetic passkey-retrieval task.
+
+Every source yields `Batch(inputs, targets, answer_mask)` with `inputs`/`targets` `[B, T]` int64
+(targets are inputs shifted by one) and draws all randomness from one explicit `torch.Generator`,
+so a run is reproducible and `state_dict()` captures where the stream is.
+
+Kinds:
+    passkey  filler sentences with "The passkey is NNNNN." hidden at a random depth, ending with the
+             question and the passkey again; `answer_mask` marks the target positions of the answer.
+             Made in process, so the default run needs no download.
+    text     any file read as raw bytes (vocab 256), memory-mapped.
+    tokens   a memory-mapped `.bin` of np.uint8 or np.uint16 token ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_KINDS = ("passkey", "text", "tokens")
+TOKEN_DTYPES = ("uint8", "uint16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "passkey"
+    seq_len: int = 512
+    path: str | None = None
+    token_dtype: str = "uint16"
+    passkey_digits: int = 5
+
+    def validate(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"unknown data.kind={self.kind!r}: choose one of {DATA_KINDS} "
+                             f"(data=passkey, data=text or data=tokens)")
+        if self.seq_len <= 0:
+            raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
+        if self.kind in ("text", "tokens") and not self.path:
+            raise ValueError(f"data={self.kind} reads a file: pass data.path=/path/to/file")
+        if self.kind == "tokens" and self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"unknown data.token_dtype={self.token_dtype!r}: choose one of {TOKEN_DTYPES}")
+        if self.kind == "passkey":
+            if not 1 <= self.passkey_digits <= 18:
+                raise ValueError(f"data.passkey_digits must be in 1..18, got {self.passkey_digits}")
+            shortest = len(PasskeyTask.frame(self.passkey_digits))
+            if self.seq_len + 1 < shortest:
+                raise ValueError(f"data.seq_len={self.seq_len} cannot hold the passkey needle and question "
+                                 f"({shortest} bytes with {self.passkey_digits} digits): raise data.seq_len")
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: torch.Tensor  # [B, T] int64
+    targets: torch.Tensor  # [B, T] int64, inputs shifted left by one
+    answer_mask: torch.Tensor | None = None  # [B, T] bool, targets that are answer bytes
+
+    def to(self, device) -> "Batch":
+        mask = None if self.answer_mask is None else self.answer_mask.to(device, non_blocking=True)
+        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), mask)
+
+
+def _split(windows: torch.Tensor, answer_mask: torch.Tensor | None = None) -> Batch:
+    return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), answer_mask)
+
+
+class WindowSampler:
+    """Uniformly random windows of `seq_len + 1` tokens from a memory-mapped token array."""
+
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, vocab_size: int, generator: torch.Generator,
+                 source: str):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"{source} holds {len(tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}: "
+                             f"use a longer file or a smaller data.seq_len")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.source = source
+
+    def sample(self, batch_size: int) -> Batch:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
+        windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
+        windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+        top = int(windows.max())
+        if top >= self.vocab_size:
+            raise ValueError(f"{self.source} holds token id {top}, outside model.vocab_size={self.vocab_size}: "
+                             f"raise model.vocab_size or check data.token_dtype")
+        return _split(windows)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+FILLER_SENTENCES = (
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+    "The river runs to the sea. ",
+    "A cat sleeps on the warm stone. ",
+    "Rain falls on the quiet town. ",
+)
+
+
+class PasskeyTask:
+    """Needle-in-a-haystack retrieval, generated in process.
+
+    A window reads `<filler> The passkey is 48213. <filler> What is the passkey? The passkey is 48213`:
+    the filler is easy to learn (a few fixed sentences in random order), the digits of the needle are
+    random, and the closing digits can only be predicted by finding the needle. The window ends on the
+    answer, so `answer_mask` marks its last `digits` targets.
+    """
+
+    question = "What is the passkey? The passkey is "
+
+    def __init__(self, *, seq_len: int, digits: int, generator: torch.Generator):
+        self.seq_len = seq_len
+        self.digits = digits
+        self.generator = generator
+        self._sentences = [s.encode() for s in FILLER_SENTENCES]
+
+    @classmethod
+    def frame(cls, digits: int) -> str:
+        """The fixed text around the passkey, with zeros for its digits (its length is the minimum)."""
+        key = "0" * digits
+        return f"The passkey is {key}. " + cls.question + key
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=self.generator))
+
+    def _filler(self, length: int) -> tuple[bytearray, list[int]]:
+        """`length` bytes of random filler sentences and the offsets where sentences start."""
+        text, starts = bytearray(), []
+        while len(text) < length:
+            starts.append(len(text))
+            text += self._sentences[self._randint(len(self._sentences))]
+        return text[:length], [s for s in starts if s <= length] or [0]
+
+    def _window(self) -> bytes:
+        key = "".join(str(self._randint(10)) for _ in range(self.digits))
+        needle = f"The passkey is {key}. ".encode()
+        tail = (self.question + key).encode()
+        filler, starts = self._filler(self.seq_len + 1 - len(needle) - len(tail))
+        at = starts[self._randint(len(starts))]
+        return bytes(filler[:at] + needle + filler[at:] + tail)
+
+    def sample(self, batch_size: int) -> Batch:
+        windows = torch.tensor([list(self._window()) for _ in range(batch_size)], dtype=torch.int64)  # (B, T + 1)
+        answer_mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
+        answer_mask[:, -self.digits:] = True
+        return _split(windows, answer_mask)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def load_token_file(path: str | Path, dtype: str) -> np.ndarray:
+    """Memory-map `path` as a flat array of `dtype` tokens."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={str(path)!r} does not exist or is not a file")
+    itemsize = np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size % itemsize:
+        raise ValueError(f"data.path={str(path)!r} has {size} bytes, not a whole number of {dtype} tokens: "
+                         f"check data.token_dtype")
+    if size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator) -> WindowSampler | PasskeyTask:
+    """The batch source `cfg` describes, drawing its randomness from `generator`."""
+    cfg.validate()
+    if cfg.kind == "passkey":
+        if vocab_size < 256:
+            raise ValueError(f"data=passkey is byte-level: model.vocab_size must be at least 256, got {vocab_size}")
+        return PasskeyTask(seq_len=cfg.seq_len, digits=cfg.passkey_digits, generator=generator)
+    dtype = "uint8" if cfg.kind == "text" else cfg.token_dtype
+    tokens = load_token_file(cfg.path, dtype)
+    return WindowSampler(tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, generator=generator,
+                         source=f"data.path={cfg.path!r}")

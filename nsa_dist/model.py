@@ -1,0 +1,110 @@
+"""A small LLaMA-style decoder whose attention is NSA: RMSNorm, RoPE on global positions, SwiGLU."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nsa_dist.layer import NativeSparseAttention, NSAConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int | None = None  # None: about 8/3 hidden, rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-8 * self.hidden_size // 3 // 64) * 64
+
+    def validate(self) -> "ModelConfig":
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"invalid model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"invalid model config: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, nsa: NSAConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = NativeSparseAttention.from_config(config.hidden_size, config.num_heads, config.num_kv_heads,
+                                                      config.head_dim, nsa, rope_theta=config.rope_theta)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_size)
+
+    def forward(self, x, **attn_kwargs):
+        x = x + self.attn(self.attn_norm(x), **attn_kwargs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class NSATransformer(nn.Module):
+    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every NSA layer."""
+
+    def __init__(self, config: ModelConfig, nsa: NSAConfig = NSAConfig()):
+        super().__init__()
+        self.config = config.validate()
+        self.nsa = nsa.validate()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, nsa) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self):
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and ".compress_" not in name):
+                # φ keeps its own init: a zero output layer, so it starts as mean pooling
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
+        x = self.embed(tokens)  # (B, T, hidden)
+        for layer in self.layers:
+            x = layer(x, **attn_kwargs)
+        return self.lm_head(self.norm(x))
