@@ -13,6 +13,11 @@ from .layout import compressed_layout, token_layout
 _CHUNK_ELEMENTS = 1 << 25  # scores held at once per chunk: bounds the reference's memory
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp32, or fp64 when the input already is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _query_chunks(T: int, per_query: int):
     step = max(1, min(T, _CHUNK_ELEMENTS // max(1, per_query)))
     for s in range(0, T, step):
@@ -36,7 +41,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale, q_offset=
     B, T, HQ, D = q.shape
     _, Tc, H, _ = k_cmp.shape
     G = HQ // H
-    qf, kf, vf = q.float(), k_cmp.float(), v_cmp.float()
+    qf, kf, vf = _acc(q), _acc(k_cmp), _acc(v_cmp)
     qlay = token_layout(q_offset, T, cu_seqlens, q.device)
     cdoc, cidx = compressed_layout(Tc, block_len, stride, cu_seqlens, q.device)
     cend = cidx * stride + block_len - 1  # position of the last key each compressed token covers
@@ -73,7 +78,7 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     B, T, HQ, D = q.shape
     _, Tc, H, _ = k_cmp.shape
     G = HQ // H
-    qf, kf = q.float(), k_cmp.float()
+    qf, kf = _acc(q), _acc(k_cmp)
     qlay = token_layout(q_offset, T, cu_seqlens, q.device)
     cdoc, cidx = compressed_layout(Tc, block_len, stride, cu_seqlens, q.device)
     cend = cidx * stride + block_len - 1
@@ -88,10 +93,10 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
         qc = qf[:, s:e].unflatten(2, (H, G))
         scores = torch.einsum("bchgd,bkhd->bchgk", qc, kf) * scale  # (B, C, H, G, Tc)
         valid = (cdoc[None, :] == qlay.doc[s:e, None]) & (cend[None, :] <= qlay.pos[s:e, None])  # (C, Tc)
-        l = lse[:, s:e].float().unflatten(2, (H, G))[..., None]
+        l = lse[:, s:e].to(qf.dtype).unflatten(2, (H, G))[..., None]
         p = torch.exp(scores - torch.where(torch.isfinite(l), l, torch.zeros_like(l)))
         p = p * valid[None, :, None, None, :]  # p_cmp, Eq. 8
-        p_blk = torch.einsum("bchgk,kj->bchj", p, W_per_token)  # Eq. 9 mapping, Eq. 10 group sum
+        p_blk = torch.einsum("bchgk,kj->bchj", p, W_per_token.to(p.dtype))  # Eq. 9 mapping, Eq. 10 group sum
         pos = qlay.pos[s:e, None]  # (C, 1)
         q_blk = pos // select_size
         causal = blk[None, :] * select_size <= pos  # no future block
@@ -122,7 +127,7 @@ def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offse
     _, Tk, H, Dv = v.shape
     G = HQ // H
     n = idx.shape[-1]
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = _acc(q), _acc(k), _acc(v)
     qlay = token_layout(q_offset, T, cu_seqlens, q.device)
     offs = torch.arange(select_size, device=q.device)
     outs = []
@@ -178,7 +183,7 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
     B, T, HQ, D = q.shape
     _, Tk, H, Dv = v.shape
     G = HQ // H
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = _acc(q), _acc(k), _acc(v)
     qlay = token_layout(q_offset, T, cu_seqlens, q.device)
     klay = token_layout(k_offset, Tk, cu_seqlens, q.device)
     g_first = torch.maximum(qlay.doc_start, q_offset + torch.arange(T, device=q.device) - window + 1)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from nsa_dist import ModelConfig, NativeSparseAttention, NSAConfig, NSATransformer
+
+TINY = dict(block_len=8, stride=4, select_size=16, top_n=4, window=24)
+
+
+def layer(G=2, **kw):
+    torch.manual_seed(0)
+    return NativeSparseAttention(48, 2 * G, 2, 16, **{**TINY, **kw})
+
+
+@pytest.mark.parametrize("kw", [{}, dict(compression="mean"), dict(separate_kv=True), dict(window=0), dict(G=1)])
+def test_layer_forward_backward_reaches_every_parameter(kw):
+    m = layer(**kw)
+    x = torch.randn(2, 67, 48, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.pow(2).mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "compress_k.mlp.0" not in name and "compress_v.mlp.0" not in name:  # behind φ's zero output layer
+            assert p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_layer_is_causal():
+    m = layer()
+    x = torch.randn(1, 120, 48)
+    x2 = x.clone()
+    x2[:, 80:] = torch.randn(1, 40, 48)
+    y, y2 = m(x), m(x2)
+    assert torch.allclose(y[:, :80], y2[:, :80], atol=1e-6)
+    assert not torch.allclose(y[:, 80:], y2[:, 80:])
+
+
+def test_packed_documents_equal_separate_runs():
+    m = layer(G=4)
+    docs = [torch.randn(1, n, 48) for n in (37, 70, 16)]
+    packed = m(torch.cat(docs, 1), cu_seqlens=torch.tensor([0, 37, 107, 123]))
+    separate = torch.cat([m(d) for d in docs], 1)
+    assert (packed - separate).norm() / separate.norm() < 1e-5
+
+
+def test_model_forward_backward():
+    torch.manual_seed(0)
+    model = NSATransformer(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+                           NSAConfig(**TINY))
+    tokens = torch.randint(0, 256, (2, 96))
+    logits = model(tokens)
+    assert logits.shape == (2, 96, 256)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # near uniform at init
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(select_size=18), "multiple of stride"),
+    (dict(window=-1), "window must be positive"),
+    (dict(top_n=2), "top_n=2"),
+    (dict(backend="cuda"), "unknown backend"),
+    (dict(compression="max"), "compression='max'"),
+    (dict(stride=40), "stride <= block_len"),
+])
+def test_bad_nsa_config_is_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        NSAConfig(**{**TINY, **kw}).validate()
+    with pytest.raises(ValueError, match=message):
+        NativeSparseAttention(48, 4, 2, 16, **{**TINY, **kw})
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        NativeSparseAttention(48, 3, 2, 16)
+    with pytest.raises(ValueError, match="even"):
+        NativeSparseAttention(48, 4, 2, 15)
+    with pytest.raises(ValueError, match=r"expected x \[B, T, 48\]"):
+        layer()(torch.randn(2, 10, 32))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig(num_heads=3, num_kv_heads=2).validate()
+    with pytest.raises(ValueError, match="integer tensor"):
+        NSATransformer(ModelConfig(hidden_size=32, num_layers=1, head_dim=8), NSAConfig(**TINY))(torch.randn(1, 8))
