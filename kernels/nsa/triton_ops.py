@@ -1,0 +1,815 @@
+"""Triton backend of the NSA ops: same keyword signatures and semantics as `reference.py`.
+
+Four algorithms, each one kernel family with compile-time flags (README.md, "Triton kernels"):
+
+- `_dense_*`: FlashAttention-style tiles over a per-query interval of visible keys `[lo_t, hi_t)`
+  computed on the host from positions; serves the compressed branch and the sliding window.
+  Rows of a tile are (query, head) pairs of one KV group, so the group shares each K/V load.
+- `_select_kernel`: block importance (Eq. 8-10) over chunks of compressed tokens and a running
+  top-n in registers; no `[T, T/d]` score matrix reaches HBM.
+- `_sel_*`: selected-block attention over the union of the block lists of a few neighbouring
+  queries (all G heads of each), so small groups still fill a 16-row MMA tile.
+- `_sel_dkdv_kernel` + `_sel_reduce_kernel`: backward of K/V per selected block from a
+  block -> query-tile index (CSR), split into bounded work items and summed in a fixed order.
+
+No atomics anywhere: every output element is written by exactly one program, so results are
+deterministic. Inputs are made contiguous `[B, T, heads, dim]`; lse is fp32.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import compressed_layout, token_layout
+
+_LOG2E = 1.4426950408889634
+_POS_KEY = 1 << 40  # separates documents in the (document, position) sort keys
+_NO_UNIT = 2**31 - 1  # "no selected block" in the unit lists; sorts last
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# dense-structured attention over per-query key intervals (compressed branch, sliding window)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_layout(pid_t, pid_hg, T, G, NGC, BT: tl.constexpr, GP: tl.constexpr):
+    """Rows of a tile: BT queries x GP heads of one KV group (head chunk pid_hg % NGC)."""
+    h = pid_hg // NGC
+    gc = pid_hg % NGC
+    r = tl.arange(0, BT * GP)
+    t = pid_t * BT + r // GP
+    g = gc * GP + r % GP
+    valid = (t < T) & (g < G)
+    return h, t, g, valid
+
+
+@triton.jit
+def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D, DV,
+                     BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for j0 in range(start, end, BN):
+        kj = j0 + offs_n
+        kin = kj < Tk
+        k = tl.load(k_base + kj[:, None].to(tl.int64) * k_row + offs_d[None, :],
+                    mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            s = tl.where((kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m - m_use)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kj[:, None].to(tl.int64) * v_row + offs_dv[None, :],
+                    mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _tile_ranges(lo, hi, valid, Tk, BN: tl.constexpr):
+    """Key-tile ranges of a row tile: [a, b1) masked, [b1, b2) every row sees every key, [b2, e) masked."""
+    min_lo = tl.min(tl.where(valid, lo, Tk), 0)
+    max_lo = tl.max(tl.where(valid, lo, 0), 0)
+    min_hi = tl.min(tl.where(valid, hi, Tk), 0)
+    max_hi = tl.max(tl.where(valid, hi, 0), 0)
+    a = (min_lo // BN) * BN
+    e = max_hi
+    b1 = tl.minimum(tl.cdiv(max_lo, BN) * BN, e)
+    b1 = tl.maximum(b1, a)
+    b2 = tl.maximum(b1, tl.minimum((min_hi // BN) * BN, e))
+    return a, b1, b2, e
+
+
+@triton.jit
+def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D, DV,
+                      BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                      BDV: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_hg = tl.program_id(1)
+    bb = tl.program_id(2)
+    h, t, g, valid = _row_layout(pid_t, pid_hg, T, G, NGC, BT, GP)
+    hq = h * G + g
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    row = (bb * T + t).to(tl.int64) * HQ + hq
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    lo = tl.load(LO + t, mask=valid, other=0)
+    hi = tl.load(HI + t, mask=valid, other=0)
+    a, b1, b2, e = _tile_ranges(lo, hi, valid, Tk, BN)
+    k_base = K + (bb.to(tl.int64) * Tk * H + h) * D
+    v_base = V + (bb.to(tl.int64) * Tk * H + h) * DV
+    m = tl.full([BT * GP], float("-inf"), tl.float32)
+    l = tl.zeros([BT * GP], tl.float32)
+    acc = tl.zeros([BT * GP, BDV], tl.float32)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, a, b1, Tk, D, DV, BN, BD, BDV, True)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, b1, b2, Tk, D, DV, BN, BD, BDV, False)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, b2, e, Tk, D, DV, BN, BD, BDV, True)
+    empty = l == 0.0
+    o = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
+    tl.store(O + row[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + row, lse, mask=valid)
+
+
+@triton.jit
+def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D, DV,
+                    BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for j0 in range(start, end, BN):
+        kj = j0 + offs_n
+        kin = kj < Tk
+        k = tl.load(k_base + kj[:, None].to(tl.int64) * k_row + offs_d[None, :],
+                    mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + kj[:, None].to(tl.int64) * v_row + offs_dv[None, :],
+                    mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where((kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk, HQ, H, G, NGC, D, DV,
+                     BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                     BDV: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_hg = tl.program_id(1)
+    bb = tl.program_id(2)
+    h, t, g, valid = _row_layout(pid_t, pid_hg, T, G, NGC, BT, GP)
+    hq = h * G + g
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    row = (bb * T + t).to(tl.int64) * HQ + hq
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
+    lse = tl.load(LSE + row, mask=valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    lo = tl.load(LO + t, mask=valid, other=0)
+    hi = tl.load(HI + t, mask=valid, other=0)
+    a, b1, b2, e = _tile_ranges(lo, hi, valid, Tk, BN)
+    k_base = K + (bb.to(tl.int64) * Tk * H + h) * D
+    v_base = V + (bb.to(tl.int64) * Tk * H + h) * DV
+    dq = tl.zeros([BT * GP, BD], tl.float32)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, a, b1, Tk, D, DV, BN, BD, BDV, True)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, b1, b2, Tk, D, DV, BN, BD, BDV,
+                         False)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, b2, e, Tk, D, DV, BN, BD, BDV, True)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk_scale, scale, T, Tk, HQ, H, G,
+                       NGC, D, DV, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       BDV: tl.constexpr):
+    """One program per key tile and KV head: sums over the G heads and the queries that see it."""
+    pid_k = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = tl.program_id(2)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    kj = pid_k * BN + tl.arange(0, BN)
+    kin = kj < Tk
+    krow = (bb * Tk + kj).to(tl.int64) * H + h
+    k = tl.load(K + krow[:, None] * D + offs_d[None, :], mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + krow[:, None] * DV + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    t_lo = tl.min(tl.load(QLO + kj, mask=kin, other=T), 0)
+    t_hi = tl.max(tl.load(QHI + kj, mask=kin, other=0), 0)
+    t_lo = (t_lo // BT) * BT
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BDV], tl.float32)
+    r = tl.arange(0, BT * GP)
+    for gc in range(0, NGC):
+        g = gc * GP + r % GP
+        hq = h * G + g
+        for t0 in range(t_lo, t_hi, BT):
+            t = t0 + r // GP
+            valid = (t < T) & (g < G)
+            row = (bb * T + t).to(tl.int64) * HQ + hq
+            q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+            do = tl.load(DO + row[:, None] * DV + offs_dv[None, :],
+                         mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + row, mask=valid, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + row, mask=valid, other=0.0)
+            lo = tl.load(LO + t, mask=valid, other=Tk)
+            hi = tl.load(HI + t, mask=valid, other=0)
+            see = (kj[:, None] >= lo[None, :]) & (kj[:, None] < hi[None, :])
+            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            pT = tl.where(see, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
+    tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kin[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + krow[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=kin[:, None] & (offs_dv[None, :] < DV))
+
+
+def _dense_config(kind: str, G: int, D: int, DV: int):
+    """(rows per tile, keys per tile, num_warps, num_stages) for one kernel of the dense family."""
+    GP = min(_p2(G), 16)
+    if _interpreting():
+        rows, bn, warps, stages = 16, 16, 4, 1
+    elif kind == "fwd":
+        rows, bn, warps, stages = (128, 64, 8, 2) if max(D, DV) <= 128 else (64, 32, 8, 2)
+    elif kind == "dq":
+        rows, bn, warps, stages = (128, 32, 8, 2) if max(D, DV) <= 128 else (64, 32, 8, 1)
+    else:
+        rows, bn, warps, stages = (64, 64, 8, 2) if max(D, DV) <= 128 else (32, 32, 8, 1)
+    rows = max(rows, GP)
+    return GP, rows // GP, bn, warps, stages
+
+
+def _dense_forward(q, k, v, lo, hi, scale):
+    B, T, HQ, D = q.shape
+    Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP, BT, BN, warps, stages = _dense_config("fwd", G, D, DV)
+    NGC = triton.cdiv(G, GP)
+    o = torch.full((B, T, HQ, DV), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, T, HQ), float("nan"), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return o, lse
+    grid = (triton.cdiv(T, BT), H * NGC, B)
+    _dense_fwd_kernel[grid](q, k, v, o, lse, lo, hi, scale * _LOG2E, T, Tk, HQ, H, G, NGC, D, DV,
+                            BT=BT, GP=GP, BN=BN, BD=_p2(max(D, 16)), BDV=_p2(max(DV, 16)),
+                            num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale):
+    B, T, HQ, D = q.shape
+    Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)  # (B, T, HQ)
+    if dlse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
+        delta = delta - dlse.float()
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full_like(k, float("nan"))
+    dv = torch.full_like(v, float("nan"))
+    BD, BDV = _p2(max(D, 16)), _p2(max(DV, 16))
+    keys = torch.arange(Tk, device=q.device, dtype=lo.dtype)
+    qlo = torch.searchsorted(hi, keys, right=True).to(torch.int32)  # first query whose interval ends after key j
+    qhi = torch.searchsorted(lo, keys, right=True).to(torch.int32)  # one past the last query whose interval starts <= j
+    if T:
+        GP, BT, BN, warps, stages = _dense_config("dq", G, D, DV)
+        NGC = triton.cdiv(G, GP)
+        _dense_dq_kernel[(triton.cdiv(T, BT), H * NGC, B)](
+            q, k, v, do, lse, delta, dq, lo, hi, scale * _LOG2E, scale, T, Tk, HQ, H, G, NGC, D, DV,
+            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, num_warps=warps, num_stages=stages)
+    if Tk:
+        GP, BT, BN, warps, stages = _dense_config("dkdv", G, D, DV)
+        NGC = triton.cdiv(G, GP)
+        _dense_dkdv_kernel[(triton.cdiv(Tk, BN), H, B)](
+            q, k, v, do, lse, delta, dk, dv, lo, hi, qlo, qhi, scale * _LOG2E, scale, T, Tk, HQ, H, G, NGC, D, DV,
+            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+class _DenseAttention(torch.autograd.Function):
+    """Attention of each query over its key interval `[lo_t, hi_t)`; returns (o, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lo, hi, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = _dense_forward(q, k, v, lo, hi, scale)
+        ctx.save_for_backward(q, k, v, o, lse, lo, hi)
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, lo, hi = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _compressed_intervals(T, q_offset, Tc, block_len, stride, cu_seqlens, device):
+    """Visible compressed tokens of each query: `[lo_t, hi_t)` in k_cmp (its document's, whole block past)."""
+    qlay = token_layout(q_offset, T, cu_seqlens, device)
+    cdoc, cidx = compressed_layout(Tc, block_len, stride, cu_seqlens, device)
+    key = cdoc * _POS_KEY + cidx * stride + block_len - 1  # ascending: documents in order, ends within each
+    lo = torch.searchsorted(cdoc, qlay.doc, right=False)
+    hi = torch.searchsorted(key, qlay.doc * _POS_KEY + qlay.pos, right=True)
+    return lo.to(torch.int32), hi.to(torch.int32)
+
+
+def _window_intervals(T, q_offset, Tk, k_offset, window, cu_seqlens, device):
+    """Keys `(t - window, t]` of the query's document, as local indices into k."""
+    qlay = token_layout(q_offset, T, cu_seqlens, device)
+    klay = token_layout(k_offset, Tk, cu_seqlens, device)
+    key = klay.doc * _POS_KEY + klay.pos
+    lo = torch.searchsorted(key, qlay.doc * _POS_KEY + qlay.pos - window + 1, right=False)
+    hi = torch.searchsorted(key, qlay.doc * _POS_KEY + qlay.pos, right=True)
+    return lo.to(torch.int32), hi.to(torch.int32)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale, q_offset=0, cu_seqlens=None):
+    """Attention over the compressed tokens whose whole block is in the query's past.
+
+    q `[B, T, HQ, D]`, k_cmp `[B, Tc, H, D]`, v_cmp `[B, Tc, H, Dv]` (bf16/fp16, or fp32) ->
+    o `[B, T, HQ, Dv]` (q's dtype), lse `[B, T, HQ]` fp32; no visible token: o = 0, lse = -inf.
+    """
+    lo, hi = _compressed_intervals(q.shape[1], q_offset, k_cmp.shape[1], block_len, stride, cu_seqlens, q.device)
+    return _DenseAttention.apply(q, k_cmp, v_cmp, lo, hi, scale)
+
+
+def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqlens=None):
+    """Sliding window: query at global position t sees keys `(t - window, t]` of its document.
+
+    q `[B, T, HQ, D]`, k `[B, Tk, H, D]`, v `[B, Tk, H, Dv]`; k/v start at global token k_offset
+    and must cover every query's window (else ValueError, as the reference).
+    """
+    T, Tk = q.shape[1], k.shape[1]
+    if T:
+        first_doc_start = 0
+        if cu_seqlens is not None:
+            cu = cu_seqlens.tolist()  # host sync, as the api's own validation of cu_seqlens
+            first_doc_start = cu[max(0, bisect.bisect_right(cu, q_offset) - 1)]
+        need = max(first_doc_start, q_offset - window + 1)
+        if need < k_offset or q_offset + T > k_offset + Tk:
+            raise ValueError(f"window_attention: queries [{q_offset}, {q_offset + T}) need keys from global token "
+                             f"{need} on, but k covers [{k_offset}, {k_offset + Tk}); pass the preceding "
+                             f"window-1 keys (the halo) and set k_offset")
+    lo, hi = _window_intervals(T, q_offset, Tk, k_offset, window, cu_seqlens, q.device)
+    return _DenseAttention.apply(q, k, v, lo, hi, scale)[0]
+
+
+@triton.jit
+def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, D, q_offset, block_len, stride,
+                   select_size, num_init, num_local, top_n, R, EXTRA, STEP,
+                   BT: tl.constexpr, GPAD: tl.constexpr, BC: tl.constexpr, BNB: tl.constexpr, NT: tl.constexpr,
+                   BD: tl.constexpr):
+    """Top-n blocks for BT queries of one document and one KV head, all G heads summed.
+
+    Compressed tokens come in chunks of BC starting EXTRA tokens before the chunk's first block,
+    so every token that overlaps one of the chunk's STEP blocks is in the chunk; the Eq. 9 weights
+    are a [BC, BNB] matrix from the overlap formula and the mapping is one more MMA.
+    """
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = tl.program_id(2)
+    t_start = tl.load(TILES + pid * 5)
+    t_end = tl.load(TILES + pid * 5 + 1)
+    doc_start = tl.load(TILES + pid * 5 + 2)
+    cstart = tl.load(TILES + pid * 5 + 3)
+    ncmp = tl.load(TILES + pid * 5 + 4)
+    r = tl.arange(0, BT * GPAD)
+    t = t_start + r // GPAD
+    g = r % GPAD
+    valid = (t < t_end) & (g < G)
+    row = (bb * T + t).to(tl.int64) * HQ + h * G + g
+    offs_d = tl.arange(0, BD)
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    lse = tl.load(LSE + row, mask=valid, other=0.0)
+    lse2 = tl.where(tl.abs(lse) < float("inf"), lse * 1.4426950408889634, 0.0)  # the reference's rule for -inf
+    pos_r = q_offset + t - doc_start
+    tq = t_start + tl.arange(0, BT)
+    q_in = tq < t_end
+    pos_q = q_offset + tq - doc_start
+    q_blk = pos_q // select_size
+    max_pos = q_offset + t_end - 1 - doc_start
+    n_chunks = tl.cdiv(max_pos // select_size + 1, STEP)
+    slot = tl.arange(0, NT)
+    slot64 = slot.to(tl.int64)
+    run = tl.where(slot < top_n, slot64 - (1 << 62), slot64 + (1 << 62))
+    run = tl.zeros([BT, NT], tl.int64) + run[None, :]
+    removed = -(1 << 62) - (1 << 61)
+    jj = tl.arange(0, BNB)
+    ci = tl.arange(0, BC)
+    for c in range(0, n_chunks):
+        j0 = c * STEP
+        i = j0 * R - EXTRA + ci
+        t_in = (i >= 0) & (i < ncmp)
+        kc = tl.load(KC + ((bb * Tc + cstart + i).to(tl.int64) * H + h)[:, None] * D + offs_d[None, :],
+                     mask=t_in[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kc)) * qk_scale
+        vis = valid[:, None] & t_in[None, :] & (i[None, :] * stride + block_len - 1 <= pos_r[:, None])
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        j = j0 + jj
+        ov = tl.minimum(i[:, None] * stride + block_len, (j[None, :] + 1) * select_size) - \
+            tl.maximum(i[:, None] * stride, j[None, :] * select_size)
+        w = tl.where((ov > 0) & (jj[None, :] < STEP), ov.to(tl.float32) / stride, 0.0)
+        bs = tl.dot(p, w, input_precision="tf32x3")  # fp32-accurate: near-ties decide the selection
+        bs = tl.sum(tl.reshape(bs, [BT, GPAD, BNB]), 1)  # Eq. 10: the group's sum
+        bs = tl.where(bs > 0.0, bs, 0.0)
+        tie = (2147483647 - j).to(tl.int64)  # equal scores: the lower block id ranks higher
+        key = bs.to(tl.int32, bitcast=True).to(tl.int64) * 4294967296 + tie[None, :]
+        forced = (j[None, :] < num_init) | ((q_blk[:, None] - j[None, :] >= 0) & (q_blk[:, None] - j[None, :] < num_local))
+        key = tl.where(forced, 0x7F800000 * 4294967296 + tie[None, :], key)
+        key = tl.where(j[None, :] * select_size <= pos_q[:, None], key, -1 - j[None, :].to(tl.int64))
+        key = tl.where(jj[None, :] < STEP, key, removed)
+        for _ in range(0, top_n):
+            cmax = tl.max(key, 1)
+            rmin = tl.min(run, 1)
+            take = cmax > rmin
+            run = tl.where((run == rmin[:, None]) & take[:, None], cmax[:, None], run)
+            key = tl.where(key == cmax[:, None], removed, key)
+    ids = (2147483647 - (run % 4294967296)).to(tl.int32)
+    ids = tl.where((run >= 0) & (slot[None, :] < top_n), ids, 2147483647)
+    ids = tl.sort(ids, 1)
+    ids = tl.where(ids == 2147483647, -1, ids)
+    out = ((bb * T + tq).to(tl.int64) * H + h) * top_n
+    tl.store(IDX + out[:, None] + slot[None, :], ids, mask=q_in[:, None] & (slot[None, :] < top_n))
+
+
+def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, device):
+    """Query tiles that never straddle a document: (start, end, doc start, first k_cmp token, count)."""
+    from .layout import num_compressed
+    if cu_seqlens is None:
+        docs = [(0, q_offset + T, 0, Tc)]
+    else:
+        cu = cu_seqlens.tolist()  # host sync, as the api's own validation of cu_seqlens
+        docs, c0 = [], 0
+        for a, b in zip(cu, cu[1:]):
+            n = num_compressed(b - a, block_len, stride)
+            docs.append((a, b, c0, n))
+            c0 += n
+    rows = []
+    for a, b, c0, n in docs:
+        lo, hi = max(a, q_offset) - q_offset, min(b, q_offset + T) - q_offset
+        rows += [(s, min(s + BT, hi), a, c0, n) for s in range(lo, hi, BT)]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
+
+
+@torch.no_grad()
+def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_init, num_local, scale,
+                  q_offset=0, cu_seqlens=None):
+    """Top-n selection blocks per (query, KV head): idx `[B, T, H, top_n]` int32, ascending, -1 last.
+
+    q `[B, T, HQ, D]`, k_cmp `[B, Tc, H, D]`, lse `[B, T, HQ]` (from compressed_attention).
+    Not differentiable. Ties go to the lower block id, as the reference's stable sort.
+    """
+    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.float().contiguous()
+    B, T, HQ, D = q.shape
+    Tc, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    idx = torch.full((B, T, H, top_n), -2, dtype=torch.int32, device=q.device)
+    if T == 0 or top_n == 0:
+        return idx
+    GPAD = _p2(G)
+    R = select_size // stride
+    EXTRA = (block_len - 1) // stride  # tokens starting before a block that still overlap it
+    BC = 16 if _interpreting() else 64
+    BC = max(BC, _p2(R + EXTRA))
+    STEP = (BC - EXTRA) // R
+    BNB = max(16, _p2(STEP))
+    rows = 16 if _interpreting() else 128
+    BT = max(1, rows // GPAD)
+    tiles = _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, q.device)
+    _select_kernel[(tiles.shape[0], H, B)](
+        q, k_cmp, lse, idx, tiles, scale * _LOG2E, T, Tc, HQ, H, G, D, q_offset, block_len, stride,
+        select_size, num_init, num_local, top_n, R, EXTRA, STEP,
+        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, NT=_p2(top_n), BD=_p2(max(D, 16)), num_warps=4, num_stages=2)
+    return idx
+
+
+@triton.jit
+def _sel_rows(tile, T, G, BT: tl.constexpr, GPAD: tl.constexpr):
+    r = tl.arange(0, BT * GPAD)
+    t = tile * BT + r // GPAD
+    g = r % GPAD
+    return t, g, (t < T) & (g < G)
+
+
+@triton.jit
+def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS: tl.constexpr):
+    """Local key indices of selection unit u (one block of one document), its in-document positions."""
+    jj = tl.arange(0, BS)
+    kloc = tl.load(USTART + u) + jj
+    kpos = tl.load(UBLK + u) * SEL + jj
+    k_in = (jj < SEL) & (kloc >= 0) & (kloc < tl.load(ULIMIT + u))
+    return kloc, kpos, k_in
+
+
+@triton.jit
+def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, USTART, ULIMIT, UBLK, QPOS,
+                    qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, D, DV, SEL,
+                    BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                    BDV: tl.constexpr, DQ_PASS: tl.constexpr):
+    """Rows = BT queries x G heads sharing one KV head; loop over the union of their selected units.
+
+    DQ_PASS=False: forward, writes o and lse. DQ_PASS=True: the same loop recomputes p from lse
+    and writes dq.
+    """
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = tl.program_id(2)
+    t, g, valid = _sel_rows(tile, T, G, BT, GPAD)
+    row = (bb * T + t).to(tl.int64) * HQ + h * G + g
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    pos = tl.load(QPOS + t, mask=valid, other=0)
+    cols = tl.arange(0, NP)
+    ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
+                 mask=valid[:, None] & (cols[None, :] < n), other=-1)
+    lst = (bb * H + h).to(tl.int64) * NTILE + tile
+    cnt = tl.load(UCNT + lst)
+    kv = bb.to(tl.int64) * Tk * H + h
+    if DQ_PASS:
+        do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
+                     other=0.0)
+        lse = tl.load(LSE + row, mask=valid, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        dq = tl.zeros([BT * GPAD, BD], tl.float32)
+    else:
+        m = tl.full([BT * GPAD], float("-inf"), tl.float32)
+        l = tl.zeros([BT * GPAD], tl.float32)
+        acc = tl.zeros([BT * GPAD, BDV], tl.float32)
+    for e in range(0, cnt):
+        u = tl.load(ULIST + lst * LMAX + e)
+        kloc, kpos, k_in = _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS)
+        kr = kv + kloc.to(tl.int64) * H
+        k = tl.load(K + kr[:, None] * D + offs_d[None, :], mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + kr[:, None] * DV + offs_dv[None, :], mask=k_in[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0)
+        member = tl.sum((ru == u).to(tl.int32), 1) > 0
+        see = member[:, None] & k_in[None, :] & (kpos[None, :] <= pos[:, None])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if DQ_PASS:
+            p = tl.where(see, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            dq = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq)
+        else:
+            s = tl.where(see, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m - m_use)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+    if DQ_PASS:
+        tl.store(OUT + row[:, None] * D + offs_d[None, :], (dq * scale).to(OUT.dtype.element_ty),
+                 mask=valid[:, None] & (offs_d[None, :] < D))
+    else:
+        empty = l == 0.0
+        o = acc / tl.where(empty, 1.0, l)[:, None]
+        lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
+        tl.store(OUT + row[:, None] * DV + offs_dv[None, :], o.to(OUT.dtype.element_ty),
+                 mask=valid[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE_OUT + row, lse, mask=valid)
+
+
+@triton.jit
+def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM_START, ITEM_END, CSR_TILE,
+                     USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NU, D, DV, SEL,
+                     BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                     BDV: tl.constexpr):
+    """One work item: one unit's (KV head's) keys against a bounded run of the query tiles that chose it."""
+    it = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + it)
+    e0 = tl.load(ITEM_START + it)
+    e1 = tl.load(ITEM_END + it)
+    u = (seg % NU).to(tl.int32)
+    h = ((seg // NU) % H).to(tl.int32)
+    bb = (seg // NU // H).to(tl.int32)
+    kloc, kpos, k_in = _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    kr = bb.to(tl.int64) * Tk * H + h + kloc.to(tl.int64) * H
+    k = tl.load(K + kr[:, None] * D + offs_d[None, :], mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + kr[:, None] * DV + offs_dv[None, :], mask=k_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    cols = tl.arange(0, NP)
+    dk = tl.zeros([BS, BD], tl.float32)
+    dv = tl.zeros([BS, BDV], tl.float32)
+    for e in range(e0, e1):
+        tile = tl.load(CSR_TILE + e)
+        t, g, valid = _sel_rows(tile, T, G, BT, GPAD)
+        row = (bb * T + t).to(tl.int64) * HQ + h * G + g
+        ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
+                     mask=valid[:, None] & (cols[None, :] < n), other=-1)
+        member = tl.sum((ru == u).to(tl.int32), 1) > 0
+        pos = tl.load(QPOS + t, mask=valid, other=0)
+        q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
+                     other=0.0)
+        lse = tl.load(LSE + row, mask=valid, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        see = k_in[:, None] & member[None, :] & (kpos[:, None] <= pos[None, :])
+        pT = tl.where(see, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk)
+    jj = tl.arange(0, BS)
+    tl.store(PDK + it.to(tl.int64) * BS * BD + jj[:, None] * BD + offs_d[None, :], dk * scale)
+    tl.store(PDV + it.to(tl.int64) * BS * BDV + jj[:, None] * BDV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk, H, NU, D, DV, SEL,
+                       BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """Sums a unit's work-item partials in item order (deterministic) and writes its keys' dK, dV."""
+    seg = tl.program_id(0).to(tl.int64)
+    u = (seg % NU).to(tl.int32)
+    h = (seg // NU) % H
+    bb = seg // NU // H
+    kloc, kpos, k_in = _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS)
+    if tl.max(k_in.to(tl.int32), 0) > 0:
+        i0 = tl.load(SEG_ITEMS + seg)
+        i1 = tl.load(SEG_ITEMS + seg + 1)
+        jj = tl.arange(0, BS)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        dk = tl.zeros([BS, BD], tl.float32)
+        dv = tl.zeros([BS, BDV], tl.float32)
+        for i in range(i0, i1):
+            dk += tl.load(PDK + i * BS * BD + jj[:, None] * BD + offs_d[None, :])
+            dv += tl.load(PDV + i * BS * BDV + jj[:, None] * BDV + offs_dv[None, :])
+        kr = bb * Tk * H + h + kloc.to(tl.int64) * H
+        tl.store(DK + kr[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=k_in[:, None] & (offs_d[None, :] < D))
+        tl.store(DV_OUT + kr[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=k_in[:, None] & (offs_dv[None, :] < DV))
+
+
+def _sel_config(G: int):
+    """(queries per tile, num_warps, num_stages, query tiles per dK/dV work item)."""
+    GPAD = _p2(G)
+    BT = max(1, 16 // GPAD)  # at least 16 rows: the smallest MMA tile
+    if _interpreting():
+        return BT, 4, 1, 3
+    return BT, (2 if BT * GPAD <= 16 else 4), 2, 256
+
+
+def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
+    """Selected blocks as *units* (one block of one document that meets the keys passed in).
+
+    Returns per-query unit ids `ru [B, T, H, n]` (-1: none), per query tile the sorted union of its
+    queries' units `ulist [B, H, NTILE, BT*n]` with counts, the units' key start / end (local) and
+    block id, and each query's position in its document.
+    """
+    device = idx.device
+    B, _, H, n = idx.shape
+    if cu_seqlens is None:
+        starts = torch.zeros(1, dtype=torch.int64)
+        ends = torch.full((1,), max(q_offset + T, k_offset + Tk), dtype=torch.int64)
+    else:
+        cu = cu_seqlens.detach().to("cpu", torch.int64)  # host sync, as the api's own validation of cu_seqlens
+        starts, ends = cu[:-1], cu[1:]
+    k_end = k_offset + Tk
+    b_lo = torch.clamp(k_offset - starts, min=0) // select_size
+    b_hi = (torch.clamp(torch.minimum(ends, torch.full_like(ends, k_end)) - starts, min=0) + select_size - 1) // select_size
+    count = torch.clamp(b_hi - b_lo, min=0)
+    first = torch.cumsum(count, 0) - count
+    NU = int(count.sum())
+    udoc = torch.repeat_interleave(torch.arange(starts.numel()), count)
+    ublk = b_lo[udoc] + torch.arange(NU) - first[udoc]
+    ustart = starts[udoc] - k_offset + ublk * select_size
+    ulimit = torch.minimum(ends[udoc], torch.full_like(ustart, k_end)) - k_offset
+    units = [x.to(device=device, dtype=torch.int32) for x in (ustart, ulimit, ublk)]
+
+    qlay = token_layout(q_offset, T, cu_seqlens, device)
+    qdoc = qlay.doc if cu_seqlens is not None else torch.zeros_like(qlay.doc)
+    base, lo, hi = (x.to(device)[qdoc] for x in (first - b_lo, b_lo, b_hi))
+    sel = idx.long()
+    ok = (sel >= lo[None, :, None, None]) & (sel < hi[None, :, None, None])
+    ru = torch.where(ok, base[None, :, None, None] + sel, torch.full_like(sel, -1))  # (B, T, H, n)
+
+    NTILE = triton.cdiv(T, BT)
+    pad = torch.full((B, NTILE * BT - T, H, n), -1, dtype=ru.dtype, device=device)
+    per_tile = torch.cat([ru, pad], 1).view(B, NTILE, BT, H, n).permute(0, 3, 1, 2, 4).reshape(B, H, NTILE, BT * n)
+    per_tile = torch.where(per_tile < 0, torch.full_like(per_tile, _NO_UNIT), per_tile).sort(-1).values
+    dup = torch.zeros_like(per_tile, dtype=torch.bool)
+    dup[..., 1:] = per_tile[..., 1:] == per_tile[..., :-1]
+    ulist = torch.where(dup, torch.full_like(per_tile, _NO_UNIT), per_tile).sort(-1).values
+    ucnt = (ulist != _NO_UNIT).sum(-1)
+    return dict(ru=ru.to(torch.int32).contiguous(), ulist=ulist.to(torch.int32).contiguous(),
+                ucnt=ucnt.to(torch.int32).contiguous(), ustart=units[0], ulimit=units[1], ublk=units[2],
+                qpos=qlay.pos.to(torch.int32), NU=NU, NTILE=NTILE, LMAX=BT * n)
+
+
+def _selection_work_items(plan, B, H, CH):
+    """Reverse index: for each (batch, KV head, unit) the query tiles that chose it (CSR), cut into
+    work items of at most CH tiles; `seg_items` gives each unit's run of items for the reduction."""
+    ulist, NU, NTILE = plan["ulist"], plan["NU"], plan["NTILE"]
+    device = ulist.device
+    S = B * H * NU
+    bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)
+    tile = torch.arange(NTILE, device=device, dtype=torch.int64).view(1, 1, NTILE, 1)
+    key = (bh * NU + ulist.long()) * NTILE + tile
+    key = key[ulist != _NO_UNIT].sort().values  # host sync: the number of (unit, tile) pairs
+    seg = key // NTILE
+    csr_tile = (key % NTILE).to(torch.int32)
+    counts = torch.bincount(seg, minlength=S)
+    seg_off = torch.cumsum(counts, 0) - counts
+    n_items = (counts + CH - 1) // CH
+    seg_items = torch.cat([n_items.new_zeros(1), torch.cumsum(n_items, 0)])
+    NI = int(seg_items[-1])  # host sync
+    item_seg = torch.repeat_interleave(torch.arange(S, device=device), n_items, output_size=NI)
+    k = torch.arange(NI, device=device) - seg_items[item_seg]
+    start = seg_off[item_seg] + k * CH
+    end = torch.minimum(start + CH, seg_off[item_seg] + counts[item_seg])
+    return item_seg, start, end, csr_tile, seg_items, NI
+
+
+class _SelectionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, select_size, scale, q_offset, k_offset, cu_seqlens):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, T, HQ, D = q.shape
+        Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+        G = HQ // H
+        BT, warps, stages, CH = _sel_config(G)
+        plan = _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
+        o = torch.full((B, T, HQ, DV), float("nan"), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, T, HQ), float("nan"), dtype=torch.float32, device=q.device)
+        ctx.meta = dict(select_size=select_size, scale=scale, BT=BT, warps=warps, stages=stages, CH=CH,
+                        NU=plan["NU"], NTILE=plan["NTILE"], LMAX=plan["LMAX"])
+        if T:
+            _launch_sel(q, k, v, None, lse, None, o, lse, plan, ctx.meta, dq_pass=False)
+        ctx.save_for_backward(q, k, v, o, lse, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
+                              plan["ulimit"], plan["ublk"], plan["qpos"])
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, ru, ulist, ucnt, ustart, ulimit, ublk, qpos = ctx.saved_tensors
+        meta = ctx.meta
+        plan = dict(ru=ru, ulist=ulist, ucnt=ucnt, ustart=ustart, ulimit=ulimit, ublk=ublk, qpos=qpos,
+                    NU=meta["NU"], NTILE=meta["NTILE"], LMAX=meta["LMAX"])
+        B, T, HQ, D = q.shape
+        Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+        G = HQ // H
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        dq = torch.full_like(q, float("nan"))
+        dk = torch.full_like(k, float("nan"))
+        dv = torch.full_like(v, float("nan"))
+        if T:
+            _launch_sel(q, k, v, do, lse, delta, dq, None, plan, meta, dq_pass=True)
+        S = B * H * meta["NU"]
+        if S:
+            item_seg, start, end, csr_tile, seg_items, NI = _selection_work_items(plan, B, H, meta["CH"])
+            BS, BD, BDV = _p2(max(meta["select_size"], 16)), _p2(max(D, 16)), _p2(max(DV, 16))
+            pdk = torch.empty((max(NI, 1), BS, BD), dtype=torch.float32, device=q.device)
+            pdv = torch.empty((max(NI, 1), BS, BDV), dtype=torch.float32, device=q.device)
+            common = dict(BS=BS, BD=BD, BDV=BDV)
+            if NI:
+                _sel_dkdv_kernel[(NI,)](
+                    q, k, v, do, lse, delta, pdk, pdv, ru, qpos, item_seg, start, end, csr_tile, ustart, ulimit,
+                    ublk, meta["scale"] * _LOG2E, meta["scale"], T, Tk, HQ, H, G, ru.shape[-1], meta["NU"], D, DV,
+                    meta["select_size"], BT=meta["BT"], GPAD=_p2(G), NP=_p2(ru.shape[-1]), **common,
+                    num_warps=4, num_stages=meta["stages"])
+            _sel_reduce_kernel[(S,)](pdk, pdv, dk, dv, seg_items, ustart, ulimit, ublk, Tk, H, meta["NU"], D, DV,
+                                     meta["select_size"], **common, num_warps=4)
+        elif Tk:
+            dk.zero_()
+            dv.zero_()
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _launch_sel(q, k, v, do, lse, delta, out, lse_out, plan, meta, dq_pass):
+    B, T, HQ, D = q.shape
+    Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    n = plan["ru"].shape[-1]
+    _sel_fwd_kernel[(plan["NTILE"], H, B)](
+        q, k, v, do, lse, delta, out, lse_out, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
+        plan["ulimit"], plan["ublk"], plan["qpos"], meta["scale"] * _LOG2E, meta["scale"], T, Tk, HQ, H, G, n,
+        plan["NTILE"], plan["LMAX"], D, DV, meta["select_size"],
+        BT=meta["BT"], GPAD=_p2(G), NP=_p2(n), BS=_p2(max(meta["select_size"], 16)), BD=_p2(max(D, 16)),
+        BDV=_p2(max(DV, 16)), DQ_PASS=dq_pass, num_warps=meta["warps"], num_stages=meta["stages"])
+
+
+def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offset=0, cu_seqlens=None):
+    """Attention over the keys of each query's selected blocks, causal inside a block.
+
+    q `[B, T, HQ, D]`, k `[B, Tk, H, D]`, v `[B, Tk, H, Dv]`, idx `[B, T, H, n]` (block ids of the
+    query's document, -1 = empty) -> o `[B, T, HQ, Dv]`. Keys of a selected block that lie outside
+    the k passed in are skipped (the reference raises instead; checking would cost a host sync).
+    """
+    return _SelectionAttention.apply(q, k, v, idx, select_size, scale, q_offset, k_offset, cu_seqlens)
