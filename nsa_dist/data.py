@@ -37,8 +37,11 @@ class DataConfig:
                              f"(data=passkey, data=text or data=tokens)")
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
-        if self.kind in ("text", "tokens") and not self.path:
-            raise ValueError(f"data={self.kind} reads a file: pass data.path=/path/to/file")
+        if self.kind in ("text", "tokens"):
+            if not self.path:
+                raise ValueError(f"data={self.kind} reads a file: pass data.path=/path/to/file")
+            if not Path(self.path).expanduser().is_file():
+                raise FileNotFoundError(f"data.path={self.path!r} does not exist or is not a file")
         if self.kind == "tokens" and self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"unknown data.token_dtype={self.token_dtype!r}: choose one of {TOKEN_DTYPES}")
         if self.kind == "passkey":
