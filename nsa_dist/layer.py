@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nsa_dist.kernels import BACKENDS, compression_blocks, nsa_attention
 from nsa_dist.kernels.nsa.layout import token_layout
+from nsa_dist.parallel import SequenceParallel, global_positions, sequence_parallel_nsa
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -93,8 +94,10 @@ class NativeSparseAttention(nn.Module):
     """NSA self-attention over `x [B, T, hidden_size]` → `[B, T, hidden_size]`.
 
     `num_heads` query heads share `num_kv_heads` key/value heads (group size G >= 1 divides).
-    `forward(x, cu_seqlens=None)`: `cu_seqlens` packs documents (B == 1); RoPE positions and
-    every causal rule then restart per document.
+    `forward(x, cu_seqlens=None, sp=None)`: `cu_seqlens` packs documents (B == 1); RoPE positions and
+    every causal rule then restart per document. With `sp` (a SequenceParallel), `x` is this rank's
+    zigzag shard (nsa_dist.parallel.shard), `cu_seqlens` stays global, and the output is the shard
+    of what the layer computes on the full sequence; the byte counts land in `sp.stats`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, block_len: int = 32,
@@ -139,9 +142,11 @@ class NativeSparseAttention(nn.Module):
         return (self.compress_k(compression_blocks(k, c.block_len, c.stride, cu_seqlens)),
                 self.compress_v(compression_blocks(v, c.block_len, c.stride, cu_seqlens)))
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+        if sp is not None:
+            return self._forward_shard(x, cu_seqlens, sp)
         B, T, _ = x.shape
         c = self.config
         positions = token_layout(0, T, cu_seqlens, x.device).pos
@@ -152,4 +157,17 @@ class NativeSparseAttention(nn.Module):
                           block_len=c.block_len, stride=c.stride, select_size=c.select_size, top_n=c.top_n,
                           window=c.window, num_init=c.num_init, num_local=c.num_local, cu_seqlens=cu_seqlens,
                           k_win=k_win, v_win=v_win, backend=c.backend)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _forward_shard(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, sp: SequenceParallel):
+        B, T, _ = x.shape
+        g = global_positions(sp, T, x.device)
+        if cu_seqlens is None:
+            positions = g
+        else:
+            cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+            positions = g - cu[(torch.searchsorted(cu, g, right=True) - 1).clamp(0, cu.numel() - 2)]
+        q, kv_sets, gates = self.project(x, positions)
+        o = sequence_parallel_nsa(q, kv_sets, gates, compress_k=self.compress_k, compress_v=self.compress_v,
+                                  config=self.config, sp=sp, cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

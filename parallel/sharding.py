@@ -1,0 +1,97 @@
+"""Zigzag sharding: the sequence splits into `2P` equal chunks and rank `r` holds chunks `r` and `2P-1-r`.
+
+Causal attention costs more at later positions; pairing an early chunk with a late one gives
+every rank the same work. A rank's local tensor is its two chunks back to back, so the global
+position of every local token follows from `sp` and the local length alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from .collectives import all_to_all
+from .mesh import SequenceParallel
+
+
+def rank_chunks(rank: int, size: int) -> tuple[int, int]:
+    """The two chunks rank `rank` of `size` holds, in local order."""
+    return rank, 2 * size - 1 - rank
+
+
+def chunk_owner(chunk: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.where(chunk < size, chunk, 2 * size - 1 - chunk)
+
+
+def local_index(g: torch.Tensor, chunk_len: int, size: int) -> torch.Tensor:
+    """Where global token `g` sits inside its owner's local tensor."""
+    chunk = torch.div(g, chunk_len, rounding_mode="floor")
+    return (chunk >= size).long() * chunk_len + g - chunk * chunk_len
+
+
+def check_length(seq_len: int, size: int, multiple: int = 1, what: str = "the sequence"):
+    """Raise unless `seq_len` splits into `2*size` chunks whose length is a multiple of `multiple`."""
+    chunks = 2 * size
+    if seq_len <= 0 or seq_len % chunks:
+        raise ValueError(f"{what} has {seq_len} tokens, which does not split into 2P = {chunks} equal zigzag "
+                         f"chunks for P = {size} ranks; pad it to a multiple of {chunks * multiple}")
+    if seq_len // chunks < multiple:
+        most = max(1, seq_len // (2 * multiple))
+        raise ValueError(f"P = {size} ranks need 2P = {chunks} chunks of at least one selection block "
+                         f"({multiple} tokens) each, but {what} has only {seq_len // multiple} such blocks; "
+                         f"use at most P = {most} ranks or a sequence of at least {chunks * multiple} tokens")
+    if (seq_len // chunks) % multiple:
+        raise ValueError(f"{what} has {seq_len} tokens: its 2P = {chunks} zigzag chunks of {seq_len // chunks} "
+                         f"tokens are not whole selection blocks of {multiple}; pad it to a multiple of "
+                         f"{chunks * multiple} tokens")
+
+
+def global_positions(sp: SequenceParallel, local_len: int, device=None) -> torch.Tensor:
+    """Global index of each of the rank's `local_len` tokens, `[local_len]` int64."""
+    if local_len % 2:
+        raise ValueError(f"a zigzag shard holds two equal chunks, so its length must be even, got {local_len}")
+    return global_positions_of(sp.rank, sp.size, local_len).to(device)
+
+
+def shard(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:
+    """The rank's zigzag shard of the full tensor `x` (the same on every rank), along `dim`.
+
+    Plain slicing, so the gradient of `x` on each rank holds only its own positions; the sum
+    over ranks is the full gradient.
+    """
+    n = x.shape[dim]
+    check_length(n, sp.size, what=f"dim {dim} of x")
+    c = n // (2 * sp.size)
+    a, b = rank_chunks(sp.rank, sp.size)
+    return torch.cat([x.narrow(dim, a * c, c), x.narrow(dim, b * c, c)], dim)
+
+
+def unshard(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's zigzag shard `x`, along `dim` (an all-gather).
+
+    The result is the same on every rank and is assumed to be used the same way on every rank
+    (a replicated loss): the gradient of each shard is its slice of the full gradient.
+    """
+    return _Unshard.apply(x, sp, dim)
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sp, dim):
+        ctx.sp, ctx.dim = sp, dim
+        local = x.shape[dim]
+        moved = x.movedim(dim, 0)  # (2C, ...)
+        got = all_to_all(moved.repeat(sp.size, *([1] * (moved.dim() - 1))), [local] * sp.size, [local] * sp.size,
+                         sp)  # (P * 2C, ...), grouped by source rank
+        order = torch.cat([global_positions_of(r, sp.size, local) for r in range(sp.size)]).to(x.device)
+        full = torch.empty_like(got).index_copy_(0, order, got)
+        return full.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return shard(grad, ctx.sp, ctx.dim), None, None
+
+
+def global_positions_of(rank: int, size: int, local_len: int) -> torch.Tensor:
+    c = local_len // 2
+    a, b = rank_chunks(rank, size)
+    ar = torch.arange(c)
+    return torch.cat([a * c + ar, b * c + ar])

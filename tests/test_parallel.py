@@ -1,0 +1,189 @@
+"""Sequence-parallel NSA on gloo: the sharded layer equals the single-process layer, forward and backward.
+
+One spawned job per world size runs every check (spawning process groups dominates the time);
+each rank also runs the single-process layer on the full sequence as the reference.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nsa_dist import NativeSparseAttention
+from nsa_dist.parallel import SequenceParallel, shard, unshard
+
+TOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """‖a-b‖/‖b‖; `floor` bounds the denominator for gradients that are zero up to float noise."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(floor))
+
+
+def make_layer(seed, *, heads, kv_heads, **kw):
+    torch.manual_seed(seed)
+    layer = NativeSparseAttention(32, heads, kv_heads, 16, block_len=16, stride=8, **kw)
+    with torch.no_grad():  # φ's output layer starts at zero; give it weight so its gradient path is exercised
+        for p in layer.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return layer
+
+
+def check_equivalence(sp, name, *, seq_len, batch=1, cu=None, heads=3, kv_heads=3, exchange="all_to_all",
+                      fallback=True, x_scale=1.0, seed=0, expect_remote=False, **layer_kw):
+    """Sharded output and every gradient (summed over ranks) against the full-sequence layer."""
+    sp.exchange, sp.fallback = exchange, fallback
+    layer = make_layer(seed, heads=heads, kv_heads=kv_heads, **layer_kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, seq_len, 32, generator=g) * x_scale
+    dy = torch.randn(batch, seq_len, 32, generator=g)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+
+    x_ref = x.clone().requires_grad_()
+    y_ref = layer(x_ref, cu_seqlens=cu_seqlens)
+    (y_ref * dy).sum().backward()
+    grads_ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+
+    x_full = x.clone().requires_grad_()
+    sp.pop_stats()
+    y_local = layer(shard(x_full, sp), cu_seqlens=cu_seqlens, sp=sp)
+    (y_local * shard(dy, sp)).sum().backward()
+    y = unshard(y_local.detach(), sp)
+    errs = {"out": rel_err(y, y_ref)}
+    dist.all_reduce(x_full.grad, group=sp.group)
+    errs["dx"] = rel_err(x_full.grad, x_ref.grad)
+    # The bias of φ_k's output layer shifts every score of a query alike, which softmax ignores: its
+    # gradient is zero up to rounding (~1e-7), so a gradient under 1e-3 of the largest one is measured
+    # against that 1e-3 instead of its own norm.
+    floor = 1e-3 * max(float(g.norm()) for g in grads_ref.values())
+    for n, p in layer.named_parameters():
+        dist.all_reduce(p.grad, group=sp.group)
+        errs[f"d{n}"] = rel_err(p.grad, grads_ref[n], floor)
+    bad = {k: v for k, v in errs.items() if not v < TOL}
+    assert not bad, f"{name} (P={sp.size}, rank {sp.rank}): relative errors above {TOL}: {bad}"
+    (stats,) = sp.pop_stats()
+    if exchange != "all_gather" and not fallback:
+        assert stats.mode == exchange, (name, stats)
+    if expect_remote:
+        fetched = torch.tensor([stats.blocks_fetched])
+        dist.all_reduce(fetched, group=sp.group)
+        assert fetched.item() > 0, f"{name}: no selection crossed ranks, the case tests nothing"
+    return stats
+
+
+def check_bytes(sp):
+    """Local selection moves fewer bytes than the all-gather; selecting everything falls back to it."""
+    T = 64 * sp.size
+    local = check_equivalence(sp, "local selection", seq_len=T, top_n=3, window=16, select_size=16)
+    assert local.mode == "all_to_all" and not local.fell_back, local
+    assert local.exchange_bytes < local.allgather_bytes, local
+    total = torch.tensor([local.exchange_bytes, local.allgather_bytes])
+    dist.all_reduce(total, group=sp.group)
+    assert total[0] < total[1], total
+    everything = check_equivalence(sp, "select everything", seq_len=T, top_n=T // 16, window=16, select_size=16)
+    assert everything.mode == "all_gather" and everything.fell_back, everything
+
+
+def check_shard_roundtrip(sp):
+    x = torch.arange(2 * 4 * sp.size * 3, dtype=torch.float32).view(2, 4 * sp.size, 3).requires_grad_()
+    local = shard(x, sp)
+    c = x.shape[1] // (2 * sp.size)
+    assert torch.equal(local[:, :c], x[:, sp.rank * c:(sp.rank + 1) * c])
+    full = unshard(local, sp)
+    assert torch.equal(full, x)
+    full.sum().backward()  # every rank uses the full tensor the same way: each shard gets its slice
+    dist.all_reduce(x.grad, group=sp.group)
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def expect_error(fn, *words):
+    try:
+        fn()
+    except ValueError as e:
+        msg = str(e)
+        missing = [w for w in words if w not in msg]
+        assert not missing, f"error message lacks {missing}: {msg}"
+        return msg
+    raise AssertionError(f"no ValueError (expected one mentioning {words})")
+
+
+def check_bad_inputs(sp):
+    P = sp.size
+    layer = make_layer(0, heads=2, kv_heads=1, select_size=16, window=16, top_n=3)
+    expect_error(lambda: shard(torch.randn(1, 2 * P * 16 + 2, 32), sp), "zigzag", "pad")
+    expect_error(lambda: layer(torch.randn(1, 40, 32), sp=sp), "selection blocks", "pad")
+    expect_error(lambda: layer(torch.randn(1, 8, 32), sp=sp), "ranks", "at most")
+    # ranks that pass shards of different lengths are caught before any exchange
+    bad_len = 32 if sp.rank == 0 else 64
+    expect_error(lambda: layer(torch.randn(1, bad_len, 32), sp=sp), "disagree", "local lengths")
+
+
+def check_group_mismatch(rank, world):
+    """Rank 0 passes a group of its own while the others pass the world group."""
+    own = [dist.new_group([r]) for r in range(world)]
+    group = own[0] if rank == 0 else None
+    expect_error(lambda: SequenceParallel(group=group), "differs across ranks", "same group")
+
+
+def worker(rank, world, port, errors):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        torch.set_num_threads(1)
+        sp = SequenceParallel()
+        check_shard_roundtrip(sp)
+        T = 64 * world  # chunks of 32 tokens; window 48 reaches over one chunk into the next
+        base = dict(seq_len=T, select_size=16, top_n=4, window=48)
+        check_equivalence(sp, "G=1, odd heads", heads=3, kv_heads=3, fallback=False, **base)
+        check_equivalence(sp, "G=4, odd kv heads, batch 2", heads=12, kv_heads=3, batch=2, fallback=False, **base)
+        cu = [0, 37, T // 2 + 5, T - 11, T]  # documents spanning ranks, not block-aligned
+        check_equivalence(sp, "packed documents", cu=cu, heads=4, kv_heads=1, fallback=False, **base)
+        check_equivalence(sp, "crossing selections, all_to_all", heads=5, kv_heads=5, fallback=False,
+                          expect_remote=True, x_scale=3.0, **{**base, "top_n": 8})
+        check_equivalence(sp, "crossing selections, ring", heads=8, kv_heads=2, exchange="ring", fallback=False,
+                          expect_remote=True, cu=cu, x_scale=3.0, **{**base, "top_n": 8})
+        check_equivalence(sp, "all-gather baseline", heads=3, kv_heads=1, exchange="all_gather", **base)
+        check_equivalence(sp, "separate K/V, mean φ, select 32", heads=4, kv_heads=4, separate_kv=True,
+                          compression="mean", seq_len=T, select_size=32, top_n=3, window=100)
+        check_equivalence(sp, "no window", heads=2, kv_heads=1, seq_len=T, select_size=16, top_n=4, window=0)
+        check_bytes(sp)
+        check_bad_inputs(sp)
+        check_group_mismatch(rank, world)
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(world):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.spawn(worker, args=(world, free_port(), errors), nprocs=world, join=True)
+    except Exception:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("\n".join(msgs) or "a rank failed without a traceback")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_matches_single_process(world):
+    run_world(world)
