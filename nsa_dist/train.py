@@ -24,8 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from nsa_dist import distributed
 from nsa_dist.config import RunConfig, TrainConfig, run_config
 from nsa_dist.data import Batch, build_source
+from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.model import NSATransformer
 
 log = logging.getLogger(__name__)
@@ -92,21 +94,24 @@ def save_atomically(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None) -> TrainResult:
+def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
+          dist_ctx: DistributedContext = SINGLE_PROCESS) -> TrainResult:
     cfg = run.trainer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = NSATransformer(run.model, run.nsa).to(device)
+    distributed.broadcast_parameters(model, dist_ctx)
     optimizer = build_optimizer(model, cfg)
+    # Data parallelism: each rank draws its own training batches; eval batches are the same everywhere.
     source = build_source(run.data, vocab_size=run.model.vocab_size,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+                          generator=torch.Generator().manual_seed(cfg.seed + dist_ctx.rank))
     eval_source = build_source(run.data, vocab_size=run.model.vocab_size,
                                generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
     eval_batch = eval_source.sample(cfg.eval_batch_size).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard")) if dist_ctx.is_main else distributed.Discard()
     log.info("model %.2fM parameters on %s; %s data, %d tokens per sequence; run dir %s",
              model.num_parameters() / 1e6, device, run.data.kind, run.data.seq_len, run_dir)
 
@@ -114,7 +119,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None) -> Trai
     eval_metrics: dict[str, float] = {}
     tokens_per_step = cfg.batch_size * run.data.seq_len
     started = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", disable=not cfg.progress_bar, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="train", disable=not cfg.progress_bar or not dist_ctx.is_main,
+               dynamic_ncols=True)
     with logging_redirect_tqdm(), contextlib.closing(writer):
         for step in bar:
             step_start = time.perf_counter()
@@ -128,10 +134,11 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None) -> Trai
             loss, metrics = token_metrics(logits, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(model, dist_ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
 
-            losses.append(loss.item())  # host sync: the loss is logged every step
+            losses.append(distributed.mean_across_ranks(loss, dist_ctx))  # host sync: the loss is logged every step
             tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -156,9 +163,10 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None) -> Trai
                                run_name=".")
 
     checkpoint = run_dir / "final.pt"
-    save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": cfg.steps,
-                     "data": source.state_dict(), "config": asdict(run)},
-                    checkpoint)
+    if dist_ctx.is_main:
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": cfg.steps,
+                         "data": source.state_dict(), "config": asdict(run)},
+                        checkpoint)
     answer = f", eval answer accuracy {eval_metrics['answer_accuracy']:.3f}" if "answer_accuracy" in eval_metrics else ""
     log.info("done: %d steps in %.0f s, loss %.3f (first) -> %.3f (last)%s, %.0f tokens/s; weights in %s",
              cfg.steps, elapsed, losses[0], losses[-1], answer, mean_tokens_per_s, checkpoint)
@@ -199,9 +207,18 @@ def _default_run_dir() -> Path:
 def main(cfg: DictConfig, *, run_dir: str | Path | None = None) -> TrainResult:
     """Train from a composed config (what `nsa_dist.conf/config.yaml` composes to, with overrides)."""
     run = run_config(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
+    # launcher=torchrun|ray: this process starts the ranks, each calls main again, rank 0's result comes back.
+    started = distributed.start_ranks(cfg, main, run_dir=run_dir)
+    if started is not None:
+        return started
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams.pop("hydra", None)
-    return train(run, run_dir=Path(run_dir) if run_dir is not None else _default_run_dir(), hparams=hparams)
+    dist_ctx = distributed.init_process_group(cfg, run_dir=run_dir)
+    try:
+        return train(run, run_dir=run_dir, hparams=hparams, dist_ctx=dist_ctx)
+    finally:
+        distributed.destroy_process_group(dist_ctx)
 
 
 @hydra.main(config_path="pkg://nsa_dist.conf", config_name="config", version_base="1.3")
