@@ -24,8 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 150
-    batch_size: int = 8
+    steps: int = 100
+    batch_size: int = 4
     optimizer: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -38,7 +38,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     log_every: int = 1
-    eval_every: int = 50  # 0: evaluate only at the end
+    eval_every: int = 25  # 0: evaluate only at the end
     eval_batch_size: int = 16
     progress_bar: bool = True
 
