@@ -56,7 +56,7 @@ def _row_layout(pid_t, pid_hg, T, G, NGC, BT: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
-def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D, DV,
+def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D: tl.constexpr, DV: tl.constexpr,
                      BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -97,7 +97,7 @@ def _tile_ranges(lo, hi, valid, Tk, BN: tl.constexpr):
 
 
 @triton.jit
-def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D, DV,
+def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D: tl.constexpr, DV: tl.constexpr,
                       BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                       BDV: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -129,7 +129,7 @@ def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D
 
 
 @triton.jit
-def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D, DV,
+def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D: tl.constexpr, DV: tl.constexpr,
                     BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -151,7 +151,7 @@ def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_r
 
 
 @triton.jit
-def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk, HQ, H, G, NGC, D, DV,
+def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk, HQ, H, G, NGC, D: tl.constexpr, DV: tl.constexpr,
                      BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      BDV: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -184,7 +184,7 @@ def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk
 
 @triton.jit
 def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk_scale, scale, T, Tk, HQ, H, G,
-                       NGC, D, DV, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       NGC, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                        BDV: tl.constexpr):
     """One program per key tile and KV head: sums over the G heads and the queries that see it."""
     pid_k = tl.program_id(0)
@@ -242,7 +242,7 @@ def _dense_config(kind: str, G: int, D: int, DV: int):
     elif kind == "dq":
         rows, bn, warps, stages = (128, 32, 8, 2) if max(D, DV) <= 128 else (64, 32, 8, 1)
     else:
-        rows, bn, warps, stages = (64, 64, 8, 2) if max(D, DV) <= 128 else (32, 32, 8, 1)
+        rows, bn, warps, stages = (32, 64, 8, 2) if max(D, DV) <= 128 else (16, 32, 8, 1)
     rows = max(rows, GP)
     return GP, rows // GP, bn, warps, stages
 
@@ -366,9 +366,10 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
 
 
 @triton.jit
-def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, D, q_offset, block_len, stride,
-                   select_size, num_init, num_local, top_n, R, EXTRA, STEP,
-                   BT: tl.constexpr, GPAD: tl.constexpr, BC: tl.constexpr, BNB: tl.constexpr, NT: tl.constexpr,
+def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, D: tl.constexpr,
+                   block_len: tl.constexpr, stride: tl.constexpr, select_size: tl.constexpr,
+                   num_init: tl.constexpr, num_local: tl.constexpr, top_n: tl.constexpr, R: tl.constexpr,
+                   EXTRA: tl.constexpr, STEP: tl.constexpr, BT: tl.constexpr, GPAD: tl.constexpr, BC: tl.constexpr, BNB: tl.constexpr, NT: tl.constexpr,
                    BD: tl.constexpr):
     """Top-n blocks for BT queries of one document and one KV head, all G heads summed.
 
@@ -480,7 +481,7 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     GPAD = _p2(G)
     R = select_size // stride
     EXTRA = (block_len - 1) // stride  # tokens starting before a block that still overlap it
-    BC = 16 if _interpreting() else 64
+    BC = 16 if _interpreting() else (64 if R > 1 else 32)  # R = 1: 64 blocks a chunk would spill the keys
     BC = max(BC, _p2(R + EXTRA))
     STEP = (BC - EXTRA) // R
     BNB = max(16, _p2(STEP))
@@ -488,9 +489,9 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     BT = max(1, rows // GPAD)
     tiles = _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, q.device)
     _select_kernel[(tiles.shape[0], H, B)](
-        q, k_cmp, lse, idx, tiles, scale * _LOG2E, T, Tc, HQ, H, G, D, q_offset, block_len, stride,
+        q, k_cmp, lse, idx, tiles, scale * _LOG2E, T, Tc, HQ, H, G, q_offset, D, block_len, stride,
         select_size, num_init, num_local, top_n, R, EXTRA, STEP,
-        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, NT=_p2(top_n), BD=_p2(max(D, 16)), num_warps=4, num_stages=2)
+        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, NT=_p2(top_n), BD=_p2(max(D, 16)), num_warps=8, num_stages=2)
     return idx
 
 
@@ -503,7 +504,7 @@ def _sel_rows(tile, T, G, BT: tl.constexpr, GPAD: tl.constexpr):
 
 
 @triton.jit
-def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS: tl.constexpr):
+def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL: tl.constexpr, BS: tl.constexpr):
     """Local key indices of selection unit u (one block of one document), its in-document positions."""
     jj = tl.arange(0, BS)
     kloc = tl.load(USTART + u) + jj
@@ -514,7 +515,7 @@ def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS: tl.constexpr):
 
 @triton.jit
 def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, USTART, ULIMIT, UBLK, QPOS,
-                    qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, D, DV, SEL,
+                    qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
                     BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                     BDV: tl.constexpr, DQ_PASS: tl.constexpr):
     """Rows = BT queries x G heads sharing one KV head; loop over the union of their selected units.
@@ -585,7 +586,7 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, USTA
 
 @triton.jit
 def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM_START, ITEM_END, CSR_TILE,
-                     USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NU, D, DV, SEL,
+                     USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NU, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
                      BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                      BDV: tl.constexpr):
     """One work item: one unit's (KV head's) keys against a bounded run of the query tiles that chose it."""
@@ -630,7 +631,7 @@ def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM
 
 
 @triton.jit
-def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk, H, NU, D, DV, SEL,
+def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk, H, NU, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
                        BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
     """Sums a unit's work-item partials in item order (deterministic) and writes its keys' dK, dV."""
     seg = tl.program_id(0).to(tl.int64)
@@ -662,7 +663,7 @@ def _sel_config(G: int):
     BT = max(1, 16 // GPAD)  # at least 16 rows: the smallest MMA tile
     if _interpreting():
         return BT, 4, 1, 3
-    return BT, (2 if BT * GPAD <= 16 else 4), 2, 256
+    return BT, (4 if BT * GPAD <= 16 else 8), 2, 256
 
 
 def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
@@ -785,7 +786,7 @@ class _SelectionAttention(torch.autograd.Function):
                     meta["select_size"], BT=meta["BT"], GPAD=_p2(G), NP=_p2(ru.shape[-1]), **common,
                     num_warps=4, num_stages=meta["stages"])
             _sel_reduce_kernel[(S,)](pdk, pdv, dk, dv, seg_items, ustart, ulimit, ublk, Tk, H, meta["NU"], D, DV,
-                                     meta["select_size"], **common, num_warps=4)
+                                     meta["select_size"], **common, num_warps=8)
         elif Tk:
             dk.zero_()
             dv.zero_()

@@ -1,0 +1,228 @@
+"""NSA kernel benchmark on one GPU: nsa_dist (Triton) vs torch SDPA (cuDNN, flash) vs fla-core's NSA.
+
+    python bench/kernels.py --out kernels.json                 # everything, T = 8k..128k
+    python bench/kernels.py --T 8k,64k --rows paper,cudnn      # a partial run
+
+Rows (B = 1, D = 128, bf16, causal; median ms of `triton.testing.do_bench`, fwd and fwd+bwd):
+  paper      nsa_dist, the paper's NSA: l=32, d=16, l'=64, n=16, w=512, HQ=64, H=4
+  cudnn      torch SDPA, cuDNN backend, K/V expanded to HQ heads outside the timed region
+  flash      torch SDPA, flash backend, likewise
+  fla        fla-core parallel_nsa: mean pooling, block 64, n=16, no window (needs G >= 16)
+  nsa_fla    nsa_dist in fla's configuration: l = d = l' = 64, n=16, window 0
+  paper_g4 / cudnn_g4   HQ=16, H=4 (G=4);   paper_g1 / cudnn_g1   HQ=4, H=4 (G=1)
+  parts      nsa_dist's ops one at a time in the paper configuration (where the time goes)
+nsa_dist's compression is mean pooling of the K/V blocks *inside* the timed region (a strided
+view and a mean: memory-bound and small next to attention), so its gradient reaches k and v.
+Anything that fails (out of memory, a missing package) is recorded as "skipped: reason".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+ROWS = ("paper", "cudnn", "flash", "fla", "nsa_fla", "paper_g4", "cudnn_g4", "paper_g1", "cudnn_g1", "parts")
+PAPER = dict(block_len=32, stride=16, select_size=64, top_n=16, window=512)
+FLA = dict(block_len=64, stride=64, select_size=64, top_n=16, window=0)
+HEADS = {"": (64, 4), "_g4": (16, 4), "_g1": (4, 4)}
+
+
+def parse_T(s: str) -> list[int]:
+    return [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in s.split(",") if x]
+
+
+def mean_pool(x, block_len, stride):
+    """[B, T, H, D] -> [B, Tc, H, D]: the mean of each compression block."""
+    return x.unfold(1, block_len, stride).mean(-1)
+
+
+def timed(fn, leaves, warmup, rep):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=leaves, return_mode="median")
+
+
+def nsa_case(T, HQ, H, cfg, device):
+    from nsa_dist.kernels import nsa_attention
+    D = 128
+    q = torch.randn(1, T, HQ, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    gates = [torch.rand(1, T, HQ, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    leaves = [q, k, v] + gates
+    l, d = cfg["block_len"], cfg["stride"]
+
+    def fwd():
+        k_cmp, v_cmp = mean_pool(k, l, d), mean_pool(v, l, d)
+        return nsa_attention(q, k, v, k_cmp, v_cmp, gates[0], gates[1], gates[2] if cfg["window"] else None,
+                             block_len=l, stride=d, select_size=cfg["select_size"], top_n=cfg["top_n"],
+                             window=cfg["window"], backend="triton")
+    return fwd, leaves
+
+
+def sdpa_case(T, HQ, H, backend, device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    D = 128
+    q = torch.randn(1, HQ, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, H, T, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, H, T, D, device=device, dtype=torch.bfloat16)
+    k = k.repeat_interleave(HQ // H, 1).requires_grad_()  # (1, HQ, T, D)
+    v = v.repeat_interleave(HQ // H, 1).requires_grad_()
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def fwd():
+        with sdpa_kernel(which):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return fwd, [q, k, v]
+
+
+def fla_case(T, device):
+    from fla.ops.nsa import parallel_nsa
+    HQ, H, D = 64, 4, 128
+    q = torch.randn(1, T, HQ, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g_cmp = torch.rand(1, T, HQ, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g_slc = torch.rand(1, T, HQ, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def fwd():
+        return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16, block_size=64, window_size=0)
+    return fwd, [q, k, v, g_cmp, g_slc]
+
+
+def parts_cases(T, device):
+    """The paper configuration op by op, with fixed compressed K/V and indices."""
+    from nsa_dist.kernels import compressed_attention, select_blocks, selection_attention, window_attention
+    HQ, H, D = 64, 4, 128
+    l, d, sel, n, w = (PAPER[x] for x in ("block_len", "stride", "select_size", "top_n", "window"))
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    q, k, v = mk(1, T, HQ, D), mk(1, T, H, D), mk(1, T, H, D)
+    Tc = (T - l) // d + 1
+    kc, vc = mk(1, Tc, H, D), mk(1, Tc, H, D)
+    with torch.no_grad():
+        _, lse = compressed_attention(q, kc, vc, block_len=l, stride=d, backend="triton")
+        idx = select_blocks(q, kc, lse, block_len=l, stride=d, select_size=sel, top_n=n, backend="triton")
+    return {
+        "compressed": (lambda: compressed_attention(q, kc, vc, block_len=l, stride=d, backend="triton")[0],
+                       [q, kc, vc]),
+        "select": (lambda: select_blocks(q, kc, lse, block_len=l, stride=d, select_size=sel, top_n=n,
+                                         backend="triton"), None),
+        "selection": (lambda: selection_attention(q, k, v, idx, select_size=sel, backend="triton"), [q, k, v]),
+        "window": (lambda: window_attention(q, k, v, window=w, backend="triton"), [q, k, v]),
+    }
+
+
+def measure(fwd, leaves, args):
+    """(fwd ms, fwd+bwd ms); fwd+bwd is None for an op without gradient."""
+    out = fwd()
+    t_fwd = timed(fwd, None, args.warmup, args.rep)
+    if leaves is None:
+        return t_fwd, None
+    do = torch.randn_like(out)
+    del out
+
+    def fwd_bwd():
+        fwd().backward(do)
+    return t_fwd, timed(fwd_bwd, leaves, args.warmup, args.rep)
+
+
+def run_row(row, T, args, device):
+    suffix = next((s for s in ("_g4", "_g1") if row.endswith(s)), "")
+    HQ, H = HEADS[suffix]
+    base = row[: len(row) - len(suffix)] if suffix else row
+    if base == "parts":
+        return [dict(row=f"parts:{name}", T=T, HQ=64, H=4, **dict(zip(("fwd_ms", "fwdbwd_ms"), measure(f, lv, args))))
+                for name, (f, lv) in parts_cases(T, device).items()]
+    if base == "paper":
+        fwd, leaves = nsa_case(T, HQ, H, PAPER, device)
+    elif base == "nsa_fla":
+        fwd, leaves = nsa_case(T, HQ, H, FLA, device)
+    elif base in ("cudnn", "flash"):
+        fwd, leaves = sdpa_case(T, HQ, H, base, device)
+    elif base == "fla":
+        fwd, leaves = fla_case(T, device)
+    else:
+        raise ValueError(row)
+    t_fwd, t_fb = measure(fwd, leaves, args)
+    return [dict(row=row, T=T, HQ=HQ, H=H, fwd_ms=t_fwd, fwdbwd_ms=t_fb)]
+
+
+def ratios(results):
+    by = {(r["row"], r["T"]): r for r in results if "fwd_ms" in r}
+    out = {}
+    for (row, T), r in by.items():
+        for nsa, ref in (("paper", "cudnn"), ("paper", "flash"), ("nsa_fla", "fla"), ("paper_g4", "cudnn_g4"),
+                         ("paper_g1", "cudnn_g1")):
+            if row == nsa and (ref, T) in by:
+                o = by[(ref, T)]
+                out[f"{ref}/{nsa}@{T // 1024}k"] = {
+                    "fwd": o["fwd_ms"] / r["fwd_ms"],
+                    "fwdbwd": o["fwdbwd_ms"] / r["fwdbwd_ms"] if o["fwdbwd_ms"] and r["fwdbwd_ms"] else None}
+    return out
+
+
+def table(results):
+    lines = [f"{'row':<22}{'T':>7}{'fwd ms':>11}{'fwd+bwd ms':>13}  note"]
+    for r in results:
+        f = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
+        lines.append(f"{r['row']:<22}{r['T'] // 1024:>6}k{f(r.get('fwd_ms')):>11}{f(r.get('fwdbwd_ms')):>13}  "
+                     f"{r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", default="8k,16k,32k,64k,128k", help="sequence lengths, e.g. 8k,64k")
+    p.add_argument("--rows", default="paper,cudnn,flash,fla,nsa_fla", help=f"comma list from {ROWS}")
+    p.add_argument("--group-T", default="16k,64k", help="lengths for the *_g4 / *_g1 rows")
+    p.add_argument("--parts-T", default="64k", help="lengths for the per-op breakdown")
+    p.add_argument("--groups", action="store_true", help="also run paper_g4, cudnn_g4, paper_g1, cudnn_g1")
+    p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    plan = [(row, T) for T in parse_T(args.T) for row in args.rows.split(",") if row]
+    if args.groups:
+        plan += [(row, T) for T in parse_T(args.group_T) for row in ("paper_g4", "cudnn_g4", "paper_g1", "cudnn_g1")]
+    if args.parts:
+        plan += [("parts", T) for T in parse_T(args.parts_T)]
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                paper_config=PAPER, fla_config=FLA, B=1, D=128, dtype="bfloat16",
+                compression="mean pooling inside the timed region (nsa_dist); inside parallel_nsa (fla)")
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+        import fla
+        meta["fla"] = getattr(fla, "__version__", "?")
+    except ImportError as e:
+        meta["fla"] = f"missing: {e}"
+    results, t0 = [], time.time()
+    for row, T in plan:
+        if time.time() - t0 > args.budget_s:
+            results.append(dict(row=row, T=T, note="skipped: time budget"))
+            continue
+        try:
+            results += run_row(row, T, args, device)
+        except torch.OutOfMemoryError as e:
+            results.append(dict(row=row, T=T, note=f"skipped: out of memory ({str(e).splitlines()[0][:120]})"))
+        except Exception as e:  # a missing package, an unsupported size: record and go on
+            results.append(dict(row=row, T=T, note=f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                                if str(e) else f"skipped: {type(e).__name__}"))
+        torch.cuda.empty_cache()
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    report = dict(meta=meta, results=results, ratios=ratios(results), seconds=time.time() - t0)
+    print(table(results))
+    for name, r in report["ratios"].items():
+        print(f"{name:<28} fwd {r['fwd']:.2f}x" + (f"  fwd+bwd {r['fwdbwd']:.2f}x" if r["fwdbwd"] else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
