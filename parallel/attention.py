@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from nsa_dist.kernels import compressed_attention, select_blocks, selection_attention, window_attention
+from nsa_dist.kernels.nsa.reference import sort_block_ids
 
 from .collectives import all_gather_ints
-from .exchange import ExchangeStats, all_gather_compressed, exchange_selected_blocks
+from .exchange import (ExchangeStats, all_gather_compressed, exchange_selected_blocks, grid_owner,
+                       plan_selected_blocks, ring_steps, selected_grid_extent)
 from .halo import exchange_halo
 from .mesh import SequenceParallel
 from .sharding import check_length, rank_chunks
@@ -116,24 +118,69 @@ def sequence_parallel_nsa(q, kv_sets, gates, *, compress_k, compress_v, config, 
                                  top_n=c.top_n, num_init=c.num_init, num_local=c.num_local, q_offset=start, **pos))
 
     kv_slc = torch.cat([k_slc, v_slc], -1)
-    buffer, mode, fell_back, exchange_bytes, fetched, allgather_bytes = exchange_selected_blocks(
-        kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=cu_seqlens)
-    k_buf, v_buf = buffer.split([k_slc.shape[-1], v_slc.shape[-1]], -1)
+    slc_widths = [k_slc.shape[-1], v_slc.shape[-1]]
+    xplan = None
+    if sp.exchange != "all_gather":
+        xplan = plan_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=cu_seqlens)
+    if xplan is not None and sp.exchange == "ring" and not xplan.fall_back:
+        o_slc = ring_selection_attention(q_chunks, idx, chunk_starts, kv_slc, xplan, sp, slc_widths, config, pos)
+    else:
+        buffer, xplan = exchange_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=cu_seqlens,
+                                                 plan=xplan)
+        k_buf, v_buf = buffer.split(slc_widths, -1)
+        o_slc = [selection_attention(qj, k_buf, v_buf, ids, select_size=c.select_size, q_offset=start, k_offset=0,
+                                     **pos) for qj, ids, start in zip(q_chunks, idx, chunk_starts)]
+    gathered = xplan.fall_back or sp.exchange == "all_gather"
 
     outs = []
     for j, (qj, start) in enumerate(zip(q_chunks, chunk_starts)):
         rows = slice(j * C, (j + 1) * C)
         o = gates[0][:, rows].unsqueeze(-1) * o_cmp[j]
-        o_slc = selection_attention(qj, k_buf, v_buf, idx[j], select_size=c.select_size, q_offset=start, k_offset=0,
-                                    **pos)
-        o = o + gates[1][:, rows].unsqueeze(-1) * o_slc
+        o = o + gates[1][:, rows].unsqueeze(-1) * o_slc[j]
         if c.window:
             parts, lo = extended[j]
             k_w, v_w = (parts[0], parts[1]) if shared else (parts[2], parts[3])
             o_win = window_attention(qj, k_w, v_w, window=c.window, q_offset=start, k_offset=lo, **pos)
             o = o + gates[2][:, rows].unsqueeze(-1) * o_win
         outs.append(o)
-    sp.stats.append(ExchangeStats(mode=mode, fell_back=fell_back, exchange_bytes=exchange_bytes,
-                                  halo_bytes=halo_bytes, compressed_bytes=cmp_bytes, allgather_bytes=allgather_bytes,
-                                  blocks_fetched=fetched))
+    sp.stats.append(ExchangeStats(mode="all_gather" if gathered else sp.exchange, fell_back=xplan.fall_back,
+                                  exchange_bytes=xplan.exchange_bytes, halo_bytes=halo_bytes,
+                                  compressed_bytes=cmp_bytes, allgather_bytes=xplan.allgather_bytes,
+                                  blocks_fetched=0 if gathered else int(xplan.remote.numel())))
     return torch.cat(outs, 1)
+
+
+def ring_selection_attention(q_chunks, idx, chunk_starts, kv, plan, sp: SequenceParallel, widths, config, pos):
+    """Selected attention while the ring brings the blocks: at step `s` each query attends to the
+    selected blocks whose keys have all arrived by then (those of ranks `r`, `r-1`, .., `r-s`) while
+    step `s+1` is in flight; the partial results merge by their log-sum-exps, exactly."""
+    c = config
+    P, r = sp.size, sp.rank
+    B, T2, H, F = kv.shape
+    blocks_per_chunk = T2 // 2 // c.select_size
+    ready = []  # the ring step after which every key of a selected block is here
+    for ids, start in zip(idx, chunk_starts):
+        first, last, valid = selected_grid_extent(ids, start, select_size=c.select_size, cu_seqlens=pos["cu_seqlens"])
+        arrival = lambda g: (r - grid_owner(g, blocks_per_chunk, P)) % P  # noqa: E731
+        ready.append(torch.where(valid, torch.maximum(arrival(first), arrival(last)), -1))
+    buffer = kv.new_zeros((B, (2 * P - r) * (T2 // 2), H, F))
+    partial = [[] for _ in q_chunks]
+    for step, positions, rows in ring_steps(kv, plan, sp, select_size=c.select_size):
+        buffer = buffer.index_copy(1, positions, rows)  # out of place: earlier steps' attention saved the old one
+        k_buf, v_buf = buffer.split(widths, -1)
+        for j, (qj, ids, start) in enumerate(zip(q_chunks, idx, chunk_starts)):
+            now = sort_block_ids(torch.where(ready[j] == step, ids, torch.full_like(ids, -1)))
+            partial[j].append(selection_attention(qj, k_buf, v_buf, now, select_size=c.select_size, q_offset=start,
+                                                  k_offset=0, return_lse=True, **pos))
+    return [merge_partial_attention(p) for p in partial]
+
+
+def merge_partial_attention(parts):
+    """Softmax attention over the union of disjoint key sets from each set's `(o, lse)`."""
+    o = torch.stack([p[0].float() for p in parts])  # (S, B, T, HQ, Dv)
+    lse = torch.stack([p[1].float() for p in parts])  # (S, B, T, HQ)
+    m = lse.max(0).values.detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)  # a set with no key (lse = -inf) weighs 0
+    w = w / w.sum(0).clamp_min(torch.finfo(w.dtype).tiny)
+    return (w.unsqueeze(-1) * o).sum(0).to(parts[0][0].dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from nsa_dist.kernels.nsa.layout import token_layout
 
@@ -67,71 +68,172 @@ def _chunk_order(chunk_counts, P):
     return torch.cat([torch.arange(start[c], start[c] + chunk_counts[c]) for c in range(2 * P)])
 
 
-def needed_grid_blocks(idx: list[torch.Tensor], chunk_starts: list[int], *, select_size: int, seq_len: int,
-                       cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Which global `select_size`-token grid blocks the selected blocks touch, `[seq_len // l']` bool."""
-    needed = torch.zeros(seq_len // select_size, dtype=torch.bool, device=idx[0].device)
-    for ids, start in zip(idx, chunk_starts):
-        T = ids.shape[1]
-        lay = token_layout(start, T, cu_seqlens, ids.device)
-        shape = (1, T, 1, 1)
-        ids = ids.long()
-        valid = ids >= 0
-        first = lay.doc_start.view(shape) + ids * select_size
-        g_query = torch.arange(start, start + T, device=ids.device).view(shape)
-        last = torch.minimum(torch.minimum(first + select_size - 1, lay.doc_end.view(shape) - 1), g_query)
-        needed[torch.div(first[valid], select_size, rounding_mode="floor")] = True
-        needed[torch.div(last[valid], select_size, rounding_mode="floor")] = True
-    return needed
+def selected_grid_extent(ids: torch.Tensor, chunk_start: int, *, select_size: int,
+                         cu_seqlens: torch.Tensor | None):
+    """The first and last global grid block each selected block of a chunk's queries reads, and which
+    entries are selections (not -1). `ids [B, C, H, n]` → three tensors of that shape."""
+    T = ids.shape[1]
+    lay = token_layout(chunk_start, T, cu_seqlens, ids.device)
+    shape = (1, T, 1, 1)
+    ids = ids.long()
+    first = lay.doc_start.view(shape) + ids.clamp_min(0) * select_size
+    g_query = torch.arange(chunk_start, chunk_start + T, device=ids.device).view(shape)
+    last = torch.minimum(torch.minimum(first + select_size - 1, lay.doc_end.view(shape) - 1), g_query)
+    div = lambda g: torch.div(g, select_size, rounding_mode="floor")  # noqa: E731
+    return div(first), div(last), ids >= 0
 
 
-def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
-                             cu_seqlens: torch.Tensor | None = None):
-    """A key buffer `[B, hi, H, F]` holding global tokens `[0, hi)` that covers every block the rank's
-    queries selected, from the local `kv [B, 2C, H, F]` and the per-chunk `idx [B, C, H, n]`.
+@dataclass(frozen=True)
+class SelectedBlocksPlan:
+    """Who sends which selection-grid blocks to whom in one layer call (from the counts all-gather)."""
 
-    Positions no query selected stay zero (never read). `hi` is the end of the rank's last chunk.
-    Returns `(buffer, mode, fell_back, exchange_bytes, blocks_fetched, allgather_bytes)`.
-    """
+    remote: torch.Tensor  # grid blocks this rank fetches, grouped by owner, ascending inside
+    counts: list  # counts[d][s]: blocks rank d fetches from rank s
+    fall_back: bool  # the all-gather moves no more bytes than the busiest rank would receive
+    exchange_bytes: int  # what this rank sends: counts, ids and blocks (or counts and the all-gather)
+    allgather_bytes: int  # what this rank would send in the plain all-gather
+
+
+def plan_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
+                         cu_seqlens: torch.Tensor | None = None) -> SelectedBlocksPlan:
+    """Counts of the remote grid blocks every rank needs (one all-gather) and the fallback decision."""
     P, r = sp.size, sp.rank
-    B, T2 = kv.shape[:2]
-    C, N = T2 // 2, T2 * P
-    hi = (2 * P - r) * C
+    T2 = kv.shape[1]
+    C = T2 // 2
     row_bytes = kv[:, :1].numel() * kv.element_size()
     block_bytes = select_size * row_bytes
     allgather_bytes = T2 * row_bytes * (P - 1)
-    if sp.exchange == "all_gather":
-        return _all_gather_kv(kv, sp)[:, :hi], "all_gather", False, allgather_bytes, 0, allgather_bytes
-
-    starts = [c * C for c in rank_chunks(r, P)]
-    needed = needed_grid_blocks(idx, starts, select_size=select_size, seq_len=N, cu_seqlens=cu_seqlens)
-    blocks_per_chunk = C // select_size
-    grid = torch.arange(needed.numel(), device=needed.device)
-    owner = chunk_owner(torch.div(grid, blocks_per_chunk, rounding_mode="floor"), P)
+    needed = torch.zeros(T2 * P // select_size, dtype=torch.bool, device=kv.device)
+    for ids, chunk in zip(idx, rank_chunks(r, P)):
+        first, last, valid = selected_grid_extent(ids, chunk * C, select_size=select_size, cu_seqlens=cu_seqlens)
+        needed[first[valid]] = True  # a selection block covers its first and last grid block, nothing between
+        needed[last[valid]] = True
+    grid = torch.arange(needed.numel(), device=kv.device)
+    owner = grid_owner(grid, C // select_size, P)
     remote = grid[needed & (owner != r)]
     remote_owner = owner[remote]
-    order = torch.sort(remote_owner, stable=True).indices  # grouped by owner, ascending inside
+    order = torch.sort(remote_owner, stable=True).indices
     remote, remote_owner = remote[order], remote_owner[order]
-    counts = all_gather_ints(torch.bincount(remote_owner, minlength=P).tolist(), sp)  # counts[d][s]: d asks s
+    counts = all_gather_ints(torch.bincount(remote_owner, minlength=P).tolist(), sp)  # host sync: splits are ints
     counts_bytes = ID_BYTES * P * (P - 1)
     received = [sum(counts[d][s] for s in range(P) if s != d) * (block_bytes + ID_BYTES) for d in range(P)]
     if sp.fallback and P > 1 and max(received) >= allgather_bytes:
-        return (_all_gather_kv(kv, sp)[:, :hi], "all_gather", True, counts_bytes + allgather_bytes, 0,
-                allgather_bytes)
+        return SelectedBlocksPlan(remote=remote, counts=counts, fall_back=True,
+                                  exchange_bytes=counts_bytes + allgather_bytes, allgather_bytes=allgather_bytes)
+    sent = counts_bytes + ID_BYTES * sum(counts[r][s] for s in range(P) if s != r) + block_bytes * sum(
+        counts[d][r] for d in range(P) if d != r)
+    return SelectedBlocksPlan(remote=remote, counts=counts, fall_back=False, exchange_bytes=sent,
+                              allgather_bytes=allgather_bytes)
 
-    asks = counts[r]
-    asked = [counts[d][r] for d in range(P)]
-    requested = all_to_all(remote, asks, asked, sp)  # ids of my blocks that each rank wants, by requester
+
+def grid_owner(grid: torch.Tensor, blocks_per_chunk: int, size: int) -> torch.Tensor:
+    return chunk_owner(torch.div(grid, blocks_per_chunk, rounding_mode="floor"), size)
+
+
+def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, select_size: int):
+    """Tell each owner which of its blocks this rank wants (ids), and gather the rows the others asked
+    for: `(rows [S, B, H, F] grouped by requester, rows per requester, rows per owner)`."""
+    P, r = sp.size, sp.rank
+    asks = plan.counts[r]
+    asked = [plan.counts[d][r] for d in range(P)]
+    requested = all_to_all(plan.remote, asks, asked, sp)  # ids of my blocks, grouped by requester
     offs = torch.arange(select_size, device=kv.device)
-    send_tokens = local_index((requested[:, None] * select_size + offs).flatten(), C, P)
+    send_tokens = local_index((requested[:, None] * select_size + offs).flatten(), kv.shape[1] // 2, P)
     rows = kv.transpose(0, 1).index_select(0, send_tokens)  # (S, B, H, F)
+    return rows, [n * select_size for n in asked], [n * select_size for n in asks]
+
+
+def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
+                             cu_seqlens: torch.Tensor | None = None, plan: SelectedBlocksPlan | None = None):
+    """A key buffer `[B, hi, H, F]` holding global tokens `[0, hi)` that covers every block the rank's
+    queries selected, from the local `kv [B, 2C, H, F]` and the per-chunk `idx [B, C, H, n]`.
+
+    Positions no query selected stay zero (never read); `hi` is the end of the rank's last chunk.
+    The blocks move by `sp.exchange` (the ring here moves them all before returning; the layer's
+    ring path instead attends to each step's blocks while the next step is in flight) or, when
+    `plan.fall_back`, by an all-gather. Returns `(buffer, plan)`.
+    """
+    P, r = sp.size, sp.rank
+    T2 = kv.shape[1]
+    hi = (2 * P - r) * (T2 // 2)
+    if sp.exchange == "all_gather":
+        row_bytes = kv[:, :1].numel() * kv.element_size()
+        ag = T2 * row_bytes * (P - 1)
+        return _all_gather_kv(kv, sp)[:, :hi], SelectedBlocksPlan(
+            remote=kv.new_zeros(0, dtype=torch.int64), counts=[], fall_back=False, exchange_bytes=ag,
+            allgather_bytes=ag)
+    plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens)
+    if plan.fall_back:
+        return _all_gather_kv(kv, sp)[:, :hi], plan
+    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
     move = ring_all_to_all if sp.exchange == "ring" else all_to_all
-    fetched = move(rows, [n * select_size for n in asked], [n * select_size for n in asks], sp).transpose(0, 1)
-    positions = torch.cat([global_positions(sp, T2, kv.device), (remote[:, None] * select_size + offs).flatten()])
-    buffer = kv.new_zeros((B, hi, *kv.shape[2:])).index_copy(1, positions, torch.cat([kv, fetched], 1))
-    sent = counts_bytes + ID_BYTES * sum(asks[s] for s in range(P) if s != r) + block_bytes * sum(
-        asked[d] for d in range(P) if d != r)
-    return buffer, sp.exchange, False, sent, int(remote.numel()), allgather_bytes
+    fetched = move(rows, send_splits, recv_splits, sp).transpose(0, 1)  # (B, R, H, F)
+    offs = torch.arange(select_size, device=kv.device)
+    positions = torch.cat([global_positions(sp, T2, kv.device), (plan.remote[:, None] * select_size + offs).flatten()])
+    buffer = kv.new_zeros((kv.shape[0], hi, *kv.shape[2:])).index_copy(1, positions, torch.cat([kv, fetched], 1))
+    return buffer, plan
+
+
+def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, *, select_size: int):
+    """The selected blocks step by step: yields `(step, positions, rows [B, R_s, H, F])`, step 0 the
+    local chunks, step `s` the blocks of rank `r-s`. Step `s+1` is posted before step `s` is
+    yielded, so whatever the caller computes on step `s` overlaps the next transfer."""
+    P, r = sp.size, sp.rank
+    T2 = kv.shape[1]
+    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
+    sends = rows.split(send_splits)
+    offs = torch.arange(select_size, device=kv.device)
+    remote_by_owner = plan.remote.split([n // select_size for n in recv_splits])
+    posted = {}
+
+    def post(s):
+        if s < P:
+            posted[s] = ring_step(sends[(r + s) % P], recv_splits[(r - s) % P], (r + s) % P, (r - s) % P, sp)
+
+    post(1)
+    yield 0, global_positions(sp, T2, kv.device), kv
+    for s in range(1, P):
+        post(s + 1)
+        got, pending = posted.pop(s)
+        for req in pending:
+            req.wait()
+        src = (r - s) % P
+        yield s, (remote_by_owner[src][:, None] * select_size + offs).flatten(), got.transpose(0, 1)
+
+
+def ring_step(x: torch.Tensor, recv_rows: int, dst: int, src: int, sp: SequenceParallel):
+    """Post one ring step: send `x` to `dst`, receive `recv_rows` rows from `src`. Returns the receive
+    buffer (read it only after waiting on the returned requests); the backward is the reverse step."""
+    pending = []
+    got = _RingStep.apply(x, recv_rows, dst, src, sp, pending)
+    return got, pending
+
+
+class _RingStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recv_rows, dst, src, sp, pending):
+        ctx.meta = (x.shape[0], dst, src, sp)
+        got, reqs = _post_send_recv(x.contiguous(), recv_rows, dst, src, sp)
+        pending.extend(reqs)
+        return got
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_rows, dst, src, sp = ctx.meta
+        dx, reqs = _post_send_recv(grad.contiguous(), send_rows, src, dst, sp)
+        for req in reqs:
+            req.wait()
+        return dx, None, None, None, None, None
+
+
+def _post_send_recv(x, recv_rows, dst, src, sp):
+    got = x.new_empty((recv_rows, *x.shape[1:]))
+    ops = []
+    if x.shape[0]:
+        ops.append(dist.P2POp(dist.isend, x, sp.global_rank(dst), sp.group))
+    if recv_rows:
+        ops.append(dist.P2POp(dist.irecv, got, sp.global_rank(src), sp.group))
+    return got, (dist.batch_isend_irecv(ops) if ops else [])
 
 
 def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:

@@ -16,6 +16,7 @@ B == 1) packs documents; `seq_len` is the length of the whole sequence the slice
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -170,11 +171,13 @@ def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, selec
 
 def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | None = None, q_offset: int = 0,
                         k_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
-                        backend: str = "torch"):
+                        backend: str = "torch", return_lse: bool = False):
     """Attention of each query over the keys of its selected blocks (`idx`), causal inside a block.
 
     Block `b` of the query's document = keys at positions `[b*select_size, (b+1)*select_size)`;
     only keys at positions <= the query's count. `k`/`v` hold global tokens starting at `k_offset`.
+    With `return_lse=True` returns `(o, lse [B, T, HQ] fp32)`, lse differentiable, -inf for a query
+    with no key: partial attentions over disjoint key sets then merge exactly (the ring exchange).
     """
     _check_qkv(q, k, v)
     seq_len = _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens, seq_len)
@@ -184,8 +187,12 @@ def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | N
         raise ValueError(f"idx must be an integer tensor [B, T, H, top_n] = [{q.shape[0]}, {q.shape[1]}, "
                          f"{k.shape[2]}, n], got {tuple(idx.shape)} {idx.dtype}")
     fn = _impl(backend, q.device, "selection_attention")
+    extra = {"return_lse": True} if return_lse else {}  # only passed when asked: backends may not have it yet
+    if return_lse and "return_lse" not in inspect.signature(fn).parameters:
+        raise NotImplementedError("selection_attention(return_lse=True) is not in this backend yet; use "
+                                  "backend='torch' (or, for sequence parallelism, exchange='all_to_all')")
     return fn(q, k, v, idx, select_size=select_size, scale=_scale(scale, q), q_offset=q_offset, k_offset=k_offset,
-              cu_seqlens=cu_seqlens)
+              cu_seqlens=cu_seqlens, **extra)
 
 
 def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, q_offset: int = 0,

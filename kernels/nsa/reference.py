@@ -122,7 +122,8 @@ def sort_block_ids(idx: torch.Tensor) -> torch.Tensor:
     return torch.where(srt == big, torch.full_like(srt, -1), srt)
 
 
-def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offset=0, cu_seqlens=None):
+def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offset=0, cu_seqlens=None,
+                        return_lse=False):
     B, T, HQ, D = q.shape
     _, Tk, H, Dv = v.shape
     G = HQ // H
@@ -130,13 +131,15 @@ def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offse
     qf, kf, vf = _acc(q), _acc(k), _acc(v)
     qlay = token_layout(q_offset, T, cu_seqlens, q.device)
     offs = torch.arange(select_size, device=q.device)
-    outs = []
+    outs, lses = [], []
     for s, e in _query_chunks(T, HQ * n * select_size + H * n * select_size * (D + Dv) // max(G, 1)):
         lo = max(0, int(qlay.doc_start[s]) - k_offset)
         hi = min(Tk, q_offset + e - k_offset)
         if hi - lo <= n * select_size:  # short range: masking all keys is cheaper than gathering blocks
-            outs.append(_selection_dense(qf[:, s:e], kf, vf, idx[:, s:e].long(), qlay, s, e, lo, hi, select_size,
-                                         scale, k_offset, cu_seqlens))
+            o, lse = _selection_dense(qf[:, s:e], kf, vf, idx[:, s:e].long(), qlay, s, e, lo, hi, select_size, scale,
+                                      k_offset, cu_seqlens)
+            outs.append(o)
+            lses.append(lse)
             continue
         ic = idx[:, s:e].long()  # (B, C, H, n)
         kpos = (ic[..., None] * select_size + offs).flatten(-2)  # (B, C, H, n*l') position in document
@@ -156,9 +159,13 @@ def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offse
         qc = qf[:, s:e].unflatten(2, (H, G))  # (B, C, H, G, D)
         scores = torch.einsum("bchgd,bchkd->bchgk", qc, kc) * scale
         val = valid[:, :, :, None, :].expand_as(scores)
-        o, _ = _masked_softmax_attention(scores, val, lambda p: torch.einsum("bchgk,bchkd->bchgd", p, vc))
+        o, lse = _masked_softmax_attention(scores, val, lambda p: torch.einsum("bchgk,bchkd->bchgd", p, vc))
         outs.append(o.flatten(2, 3))
+        lses.append(lse.flatten(2, 3))
     o = torch.cat(outs, 1) if outs else q.new_zeros(B, 0, HQ, Dv, dtype=torch.float32)
+    if return_lse:
+        lse = torch.cat(lses, 1) if lses else q.new_zeros(B, 0, HQ, dtype=torch.float32)
+        return o.to(q.dtype), lse
     return o.to(q.dtype)
 
 
@@ -175,8 +182,8 @@ def _selection_dense(qc, kf, vf, ic, qlay, s, e, lo, hi, select_size, scale, k_o
     kc, vc = kf[:, lo:hi], vf[:, lo:hi]
     scores = torch.einsum("bchgd,bkhd->bchgk", qc, kc) * scale
     val = valid[:, :, :, None, :].expand_as(scores)
-    o, _ = _masked_softmax_attention(scores, val, lambda p: torch.einsum("bchgk,bkhd->bchgd", p, vc))
-    return o.flatten(2, 3)
+    o, lse = _masked_softmax_attention(scores, val, lambda p: torch.einsum("bchgk,bkhd->bchgd", p, vc))
+    return o.flatten(2, 3), lse.flatten(2, 3)
 
 
 def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqlens=None):
