@@ -76,7 +76,11 @@ class DecoderLayer(nn.Module):
 
 
 class NSATransformer(nn.Module):
-    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every NSA layer."""
+    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every NSA layer.
+
+    With `sp=SequenceParallel(...)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
+    and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global.
+    """
 
     def __init__(self, config: ModelConfig, nsa: NSAConfig = NSAConfig()):
         super().__init__()
@@ -101,10 +105,10 @@ class NSATransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, sp=None, **attn_kwargs) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
         x = self.embed(tokens)  # (B, T, hidden)
         for layer in self.layers:
-            x = layer(x, **attn_kwargs)
+            x = layer(x, sp=sp, **attn_kwargs)
         return self.lm_head(self.norm(x))
