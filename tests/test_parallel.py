@@ -157,59 +157,100 @@ def check_bad_inputs(sp):
     expect_error(lambda: layer(torch.randn(1, bad_len, 32), sp=sp), "disagree", "local lengths")
 
 
-def check_group_mismatch(rank, world):
+def check_group_mismatch(sp):
     """Rank 0 passes a group of its own while the others pass the world group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
     own = [dist.new_group([r]) for r in range(world)]
     group = own[0] if rank == 0 else None
     expect_error(lambda: SequenceParallel(group=group), "differs across ranks", "same group")
 
 
-def worker(rank, world, port, errors):
+def equivalence(name, **kw):
+    """A check of the sharded layer on `64 * P` tokens (chunks of 32), `kw` over these defaults."""
+    def check(sp):
+        T = 64 * sp.size
+        cu = [0, 37, T // 2 + 5, T - 11, T]  # documents spanning ranks, not block-aligned
+        args = dict(seq_len=T, select_size=16, top_n=4, window=48, fallback=False)  # window 48 > a chunk
+        args.update(kw)
+        if args.pop("packed", False):
+            args["cu"] = cu
+        check_equivalence(sp, name, **args)
+    return check
+
+
+CHECKS = {
+    "shard/unshard": check_shard_roundtrip,
+    "G=1, odd heads": equivalence("G=1, odd heads", heads=3, kv_heads=3),
+    "G=4, odd kv heads, batch 2": equivalence("G=4", heads=12, kv_heads=3, batch=2),
+    "packed documents": equivalence("packed documents", packed=True, heads=4, kv_heads=1),
+    "crossing selections, all_to_all": equivalence("crossing, all_to_all", heads=5, kv_heads=5, top_n=8,
+                                                   x_scale=3.0, expect_remote=True),
+    "crossing selections, ring": equivalence("crossing, ring", heads=3, kv_heads=3, top_n=8, exchange="ring",
+                                             x_scale=3.0, expect_remote=True),
+    "crossing selections, ring, packed, G=4": equivalence("crossing, ring, packed", heads=8, kv_heads=2, top_n=8,
+                                                          exchange="ring", packed=True, x_scale=3.0,
+                                                          expect_remote=True),
+    "all-gather baseline": equivalence("all-gather", heads=3, kv_heads=1, exchange="all_gather"),
+    "separate K/V, mean φ, select 32, window over 3 chunks": equivalence(
+        "separate K/V", heads=4, kv_heads=4, separate_kv=True, compression="mean", select_size=32, top_n=3,
+        window=100),
+    "no window": equivalence("no window", heads=2, kv_heads=1, window=0),
+    "bytes and fallback": check_bytes,
+    "model on token shards": check_model,
+    "bad inputs": check_bad_inputs,
+    "group differs across ranks": check_group_mismatch,
+}
+
+
+def worker(rank, world, port, results):
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
         torch.set_num_threads(1)
         sp = SequenceParallel()
-        check_shard_roundtrip(sp)
-        T = 64 * world  # chunks of 32 tokens; window 48 reaches over one chunk into the next
-        base = dict(seq_len=T, select_size=16, top_n=4, window=48)
-        check_equivalence(sp, "G=1, odd heads", heads=3, kv_heads=3, fallback=False, **base)
-        check_equivalence(sp, "G=4, odd kv heads, batch 2", heads=12, kv_heads=3, batch=2, fallback=False, **base)
-        cu = [0, 37, T // 2 + 5, T - 11, T]  # documents spanning ranks, not block-aligned
-        check_equivalence(sp, "packed documents", cu=cu, heads=4, kv_heads=1, fallback=False, **base)
-        check_equivalence(sp, "crossing selections, all_to_all", heads=5, kv_heads=5, fallback=False,
-                          expect_remote=True, x_scale=3.0, **{**base, "top_n": 8})
-        check_equivalence(sp, "crossing selections, ring", heads=8, kv_heads=2, exchange="ring", fallback=False,
-                          expect_remote=True, cu=cu, x_scale=3.0, **{**base, "top_n": 8})
-        check_equivalence(sp, "all-gather baseline", heads=3, kv_heads=1, exchange="all_gather", **base)
-        check_equivalence(sp, "separate K/V, mean φ, select 32", heads=4, kv_heads=4, separate_kv=True,
-                          compression="mean", seq_len=T, select_size=32, top_n=3, window=100)
-        check_equivalence(sp, "no window", heads=2, kv_heads=1, seq_len=T, select_size=16, top_n=4, window=0)
-        check_bytes(sp)
-        check_model(sp)
-        check_bad_inputs(sp)
-        check_group_mismatch(rank, world)
+        for name, check in CHECKS.items():
+            try:
+                check(sp)
+                results.put((rank, name, None))
+            except Exception:  # the checks assert after their collectives, so the other ranks go on
+                results.put((rank, name, traceback.format_exc()))
         dist.barrier()
     except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        results.put((rank, None, traceback.format_exc()))
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_world(world):
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"P={w}")
+def job(request):
+    """Run every check in one spawned gloo job of `world` ranks; per check, the failures by rank."""
+    world = request.param
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    results = ctx.SimpleQueue()
+    crashed = None
     try:
-        mp.spawn(worker, args=(world, free_port(), errors), nprocs=world, join=True)
-    except Exception:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("\n".join(msgs) or "a rank failed without a traceback")
+        mp.spawn(worker, args=(world, free_port(), results), nprocs=world, join=True)
+    except Exception as e:
+        crashed = str(e)
+    failures = {name: [] for name in CHECKS}
+    done = {name: 0 for name in CHECKS}
+    while not results.empty():
+        rank, name, err = results.get()
+        if name is None:
+            crashed = f"rank {rank}:\n{err}"
+        else:
+            done[name] += 1
+            if err:
+                failures[name].append(f"rank {rank}:\n{err}")
+    return world, failures, done, crashed
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_matches_single_process(world):
-    run_world(world)
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_sequence_parallel_matches_single_process(job, check):
+    world, failures, done, crashed = job
+    if failures[check]:
+        pytest.fail("\n".join(failures[check]))
+    if done[check] < world:
+        pytest.fail(f"the job stopped before this check finished on every rank: {crashed}")
