@@ -18,7 +18,7 @@ from nsa_dist.kernels.nsa.reference import sort_block_ids
 
 from .collectives import all_gather_ints
 from .exchange import (ExchangeStats, all_gather_compressed, exchange_selected_blocks, grid_owner,
-                       plan_selected_blocks, ring_steps, selected_grid_extent)
+                       place_rows, plan_selected_blocks, ring_steps, selected_grid_extent)
 from .halo import exchange_halo
 from .mesh import SequenceParallel
 from .sharding import check_length, rank_chunks
@@ -125,9 +125,8 @@ def sequence_parallel_nsa(q, kv_sets, gates, *, compress_k, compress_v, config, 
     if xplan is not None and sp.exchange == "ring" and not xplan.fall_back:
         o_slc = ring_selection_attention(q_chunks, idx, chunk_starts, kv_slc, xplan, sp, slc_widths, config, pos)
     else:
-        buffer, xplan = exchange_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=cu_seqlens,
-                                                 plan=xplan)
-        k_buf, v_buf = buffer.split(slc_widths, -1)
+        (k_buf, v_buf), xplan = exchange_selected_blocks(kv_slc, idx, sp, select_size=c.select_size,
+                                                         widths=slc_widths, cu_seqlens=cu_seqlens, plan=xplan)
         o_slc = [selection_attention(qj, k_buf, v_buf, ids, select_size=c.select_size, q_offset=start, k_offset=0,
                                      **pos) for qj, ids, start in zip(q_chunks, idx, chunk_starts)]
     gathered = xplan.fall_back or sp.exchange == "all_gather"
@@ -156,18 +155,18 @@ def ring_selection_attention(q_chunks, idx, chunk_starts, kv, plan, sp: Sequence
     step `s+1` is in flight; the partial results merge by their log-sum-exps, exactly."""
     c = config
     P, r = sp.size, sp.rank
-    B, T2, H, F = kv.shape
+    T2 = kv.shape[1]
     blocks_per_chunk = T2 // 2 // c.select_size
     ready = []  # the ring step after which every key of a selected block is here
     for ids, start in zip(idx, chunk_starts):
         first, last, valid = selected_grid_extent(ids, start, select_size=c.select_size, cu_seqlens=pos["cu_seqlens"])
         arrival = lambda g: (r - grid_owner(g, blocks_per_chunk, P)) % P  # noqa: E731
         ready.append(torch.where(valid, torch.maximum(arrival(first), arrival(last)), -1))
-    buffer = kv.new_zeros((B, (2 * P - r) * (T2 // 2), H, F))
+    buffers = None
     partial = [[] for _ in q_chunks]
     for step, positions, rows in ring_steps(kv, plan, sp, select_size=c.select_size):
-        buffer = buffer.index_copy(1, positions, rows)  # out of place: earlier steps' attention saved the old one
-        k_buf, v_buf = buffer.split(widths, -1)
+        buffers = place_rows(rows, positions, (2 * P - r) * (T2 // 2), widths, into=buffers)
+        k_buf, v_buf = buffers
         for j, (qj, ids, start) in enumerate(zip(q_chunks, idx, chunk_starts)):
             now = sort_block_ids(torch.where(ready[j] == step, ids, torch.full_like(ids, -1)))
             partial[j].append(selection_attention(qj, k_buf, v_buf, now, select_size=c.select_size, q_offset=start,

@@ -144,14 +144,16 @@ def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequencePara
 
 
 def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
-                             cu_seqlens: torch.Tensor | None = None, plan: SelectedBlocksPlan | None = None):
-    """A key buffer `[B, hi, H, F]` holding global tokens `[0, hi)` that covers every block the rank's
-    queries selected, from the local `kv [B, 2C, H, F]` and the per-chunk `idx [B, C, H, n]`.
+                             widths: list[int], cu_seqlens: torch.Tensor | None = None,
+                             plan: SelectedBlocksPlan | None = None):
+    """Key buffers holding global tokens `[0, hi)` that cover every block the rank's queries selected,
+    from the local `kv [B, 2C, H, F]` (K and V side by side, `widths` of each) and the per-chunk
+    `idx [B, C, H, n]`: one contiguous `[B, hi, H, width]` tensor per part, so kernels need no copy.
 
     Positions no query selected stay zero (never read); `hi` is the end of the rank's last chunk.
     The blocks move by `sp.exchange` (the ring here moves them all before returning; the layer's
     ring path instead attends to each step's blocks while the next step is in flight) or, when
-    `plan.fall_back`, by an all-gather. Returns `(buffer, plan)`.
+    `plan.fall_back`, by an all-gather. Returns `(buffers, plan)`.
     """
     P, r = sp.size, sp.rank
     T2 = kv.shape[1]
@@ -159,19 +161,27 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
     if sp.exchange == "all_gather":
         row_bytes = kv[:, :1].numel() * kv.element_size()
         ag = T2 * row_bytes * (P - 1)
-        return _all_gather_kv(kv, sp)[:, :hi], SelectedBlocksPlan(
-            remote=kv.new_zeros(0, dtype=torch.int64), counts=[], fall_back=False, exchange_bytes=ag,
-            allgather_bytes=ag)
-    plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens)
-    if plan.fall_back:
-        return _all_gather_kv(kv, sp)[:, :hi], plan
+        plan = SelectedBlocksPlan(remote=kv.new_zeros(0, dtype=torch.int64), counts=[], fall_back=False,
+                                  exchange_bytes=ag, allgather_bytes=ag)
+    else:
+        plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens)
+    if plan.fall_back or sp.exchange == "all_gather":
+        return [part.contiguous() for part in _all_gather_kv(kv, sp)[:, :hi].split(widths, -1)], plan
     rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
     move = ring_all_to_all if sp.exchange == "ring" else all_to_all
     fetched = move(rows, send_splits, recv_splits, sp).transpose(0, 1)  # (B, R, H, F)
     offs = torch.arange(select_size, device=kv.device)
     positions = torch.cat([global_positions(sp, T2, kv.device), (plan.remote[:, None] * select_size + offs).flatten()])
-    buffer = kv.new_zeros((kv.shape[0], hi, *kv.shape[2:])).index_copy(1, positions, torch.cat([kv, fetched], 1))
-    return buffer, plan
+    return place_rows(torch.cat([kv, fetched], 1), positions, hi, widths), plan
+
+
+def place_rows(rows: torch.Tensor, positions: torch.Tensor, length: int, widths: list[int], into=None):
+    """`rows [B, R, H, F]` at token `positions` of zero (or `into`) buffers `[B, length, H, width]`, one
+    per part of F; out of place, so buffers that earlier attention saved stay intact."""
+    parts = rows.split(widths, -1)
+    if into is None:
+        into = [rows.new_zeros((rows.shape[0], length, rows.shape[2], w)) for w in widths]
+    return [buf.index_copy(1, positions, part) for buf, part in zip(into, parts)]
 
 
 def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, *, select_size: int):
