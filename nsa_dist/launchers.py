@@ -4,7 +4,7 @@ Left alone, both wait forever on a request that never can be: sbatch queues a jo
 CPUs or GPUs than the partition's nodes have (unless the site enforces partition limits), and
 `ray.init` retries a dead address for minutes. `LaunchCheck` is a Hydra callback that
 `launcher=slurm` and `launcher=ray` register (hydra.callbacks.launch_check); Hydra runs it once per
---multirun, before the launcher starts.
+--multirun, before the launcher starts, and it ends the process with the reason and the fix.
 """
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 
 class LaunchCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self.check(config)
+        except (ValueError, ConnectionError, RuntimeError) as e:
+            # Hydra turns an exception from a callback into a warning and launches anyway.
+            raise SystemExit(f"nsa_dist: cannot launch: {e}") from e
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
         target = str(config.hydra.launcher.get("_target_", ""))
         if target.endswith("submitit_launcher.SlurmLauncher"):
             params = config.hydra.launcher
@@ -81,7 +89,9 @@ def _partition_nodes(partition: str | None) -> list[dict[str, Any]]:
 
 
 def _partitions() -> list[str]:
-    return sorted({line.strip() for line in _run(["sinfo", "--noheader", "--format=%P"]).splitlines() if line.strip()})
+    # sinfo marks the default partition with a trailing '*'.
+    return sorted({line.strip().rstrip("*") for line in _run(["sinfo", "--noheader", "--format=%P"]).splitlines()
+                   if line.strip()})
 
 
 def _gpus_in_gres(gres: str) -> int:

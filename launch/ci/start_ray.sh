@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# A one-node Ray cluster on 127.0.0.1:$NSA_RAY_PORT (default 6380), dashboard off, every socket on
+# loopback. Idempotent: a running head on that port is reused. Run it from the environment that
+# trains (the workers use this Python). Logs: $NSA_RAY_DIR/session_latest/logs (default /tmp/nsa_dist_ray).
+set -euo pipefail
+
+PORT=${NSA_RAY_PORT:-6380}
+RAY_DIR=${NSA_RAY_DIR:-/tmp/nsa_dist_ray}
+CPUS=${NSA_RAY_CPUS:-$(nproc)}
+# Without it Ray takes the node address from the default route (eth0) even with --node-ip-address.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+
+log() { echo "start_ray: $*"; }
+die() { echo "start_ray: error: $*" >&2; exit 1; }
+
+command -v ray >/dev/null || die "ray is not installed in this environment: pip install -e '.[launch]'"
+
+port_open() { python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1); sys.exit(s.connect_ex(('127.0.0.1', $PORT)))"; }
+
+if port_open; then
+    ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1 \
+        || die "127.0.0.1:$PORT is taken by something that is not a Ray head: free it or set NSA_RAY_PORT"
+    log "Ray head already up at 127.0.0.1:$PORT (logs in $RAY_DIR/session_latest/logs)"
+    exit 0
+fi
+
+mkdir -p "$RAY_DIR"
+ray start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
+    --include-dashboard=false --disable-usage-stats --temp-dir="$RAY_DIR" >"$RAY_DIR/start.log" 2>&1 \
+    || { cat "$RAY_DIR/start.log" >&2; die "ray start failed (output above, also in $RAY_DIR/start.log)"; }
+for _ in $(seq 30); do
+    if ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
+        log "Ray head up at 127.0.0.1:$PORT with $CPUS CPUs (logs in $RAY_DIR/session_latest/logs)"
+        log "drivers need: export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:$PORT"
+        exit 0
+    fi
+    sleep 1
+done
+die "Ray head did not answer on 127.0.0.1:$PORT in 30 s: see $RAY_DIR/start.log"
