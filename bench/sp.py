@@ -56,7 +56,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--json", default="bench/sp.json", help="write the results here (rank 0); \"\" to skip")
     return p.parse_args()
 
 

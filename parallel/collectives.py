@@ -76,10 +76,11 @@ class _RingAllToAll(torch.autograd.Function):
         return _ring(grad, recv_splits, send_splits, ctx.sp, direction=-1), None, None, None
 
 
-def all_gather_ints(values: list[int], sp) -> list[list[int]]:
-    """Every rank's list of `len(values)` ints; a host sync (the caller needs them as Python ints)."""
+def all_gather_ints(values, sp) -> list[list[int]]:
+    """Every rank's `values` (a list of ints or an integer tensor, same length on every rank) as
+    Python ints; one host sync, after the collective."""
     device = collective_device(sp.group)
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    mine = torch.as_tensor(values, dtype=torch.int64).to(device)
     out = [torch.empty_like(mine) for _ in range(sp.size)]
     dist.all_gather(out, mine, group=sp.group)
     return torch.stack(out).tolist()  # host sync: splits of the following collectives are host ints

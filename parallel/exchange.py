@@ -103,18 +103,23 @@ def plan_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequence
     row_bytes = kv[:, :1].numel() * kv.element_size()
     block_bytes = select_size * row_bytes
     allgather_bytes = T2 * row_bytes * (P - 1)
-    needed = torch.zeros(T2 * P // select_size, dtype=torch.bool, device=kv.device)
+    num_grid = T2 * P // select_size
+    needed = torch.zeros(num_grid + 1, dtype=torch.bool, device=kv.device)  # the last slot takes the -1 entries
     for ids, chunk in zip(idx, rank_chunks(r, P)):
         first, last, valid = selected_grid_extent(ids, chunk * C, select_size=select_size, cu_seqlens=cu_seqlens)
-        needed[first[valid]] = True  # a selection block covers its first and last grid block, nothing between
-        needed[last[valid]] = True
-    grid = torch.arange(needed.numel(), device=kv.device)
+        # a selection block covers its first and last grid block, nothing between; no boolean indexing
+        # here, which would sync with the host
+        needed[torch.where(valid, first, num_grid).flatten()] = True
+        needed[torch.where(valid, last, num_grid).flatten()] = True
+    grid = torch.arange(num_grid, device=kv.device)
     owner = grid_owner(grid, C // select_size, P)
-    remote = grid[needed & (owner != r)]
+    remote = grid[needed[:num_grid] & (owner != r)]  # host sync: the number of remote blocks sizes the exchange
     remote_owner = owner[remote]
     order = torch.sort(remote_owner, stable=True).indices
     remote, remote_owner = remote[order], remote_owner[order]
-    counts = all_gather_ints(torch.bincount(remote_owner, minlength=P).tolist(), sp)  # host sync: splits are ints
+    per_owner = torch.zeros(P, dtype=torch.int64, device=kv.device).index_add_(  # bincount would sync on CUDA
+        0, remote_owner, torch.ones_like(remote_owner))
+    counts = all_gather_ints(per_owner, sp)  # host sync: splits are ints
     counts_bytes = ID_BYTES * P * (P - 1)
     received = [sum(counts[d][s] for s in range(P) if s != d) * (block_bytes + ID_BYTES) for d in range(P)]
     if sp.fallback and P > 1 and max(received) >= allgather_bytes:
