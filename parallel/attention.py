@@ -98,11 +98,11 @@ def sequence_parallel_nsa(q, kv_sets, gates, *, compress_k, compress_v, config, 
     extended = [(x.split(widths, -1), lo) for x, lo in extended]
 
     plan = sp.cached(("compressed", seq_len, c.block_len, c.stride, cu),
-                     lambda: compressed_plan(seq_len, C, c.block_len, c.stride, cu, sp))
+                     lambda: compressed_plan(seq_len, C, c.block_len, c.stride, cu, sp), q.device)
     offs = torch.arange(c.block_len, device=q.device)
     k_blocks, v_blocks = [], []
     for (parts, lo), starts in zip(extended, plan.starts):
-        gather = (starts.to(q.device) - lo)[:, None] + offs  # (n, l) rows of the extended chunk
+        gather = (starts - lo)[:, None] + offs  # (n, l) rows of the extended chunk
         k_blocks.append(parts[0][:, gather])  # (B, n, l, H, D)
         v_blocks.append(parts[1][:, gather])
     k_cmp_local, v_cmp_local = compress_k(torch.cat(k_blocks, 1)), compress_v(torch.cat(v_blocks, 1))

@@ -53,9 +53,9 @@ def all_gather_compressed(pieces: torch.Tensor, chunk_counts: list[int], sp: Seq
     per_rank = [sum(chunk_counts[c] for c in rank_chunks(s, P)) for s in range(P)]
     rows = pieces.transpose(0, 1)  # (n_r, B, ...)
     got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [per_rank[sp.rank]] * P, per_rank, sp)
-    order = sp.cached(("compressed_order", tuple(chunk_counts)), lambda: _chunk_order(chunk_counts, P))
+    order = sp.cached(("compressed_order", tuple(chunk_counts)), lambda: _chunk_order(chunk_counts, P), rows.device)
     row_bytes = rows[:1].numel() * rows.element_size()
-    return got.index_select(0, order.to(got.device)).transpose(0, 1), per_rank[sp.rank] * (P - 1) * row_bytes
+    return got.index_select(0, order).transpose(0, 1), per_rank[sp.rank] * (P - 1) * row_bytes
 
 
 def _chunk_order(chunk_counts, P):
@@ -257,5 +257,5 @@ def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     rows = kv.transpose(0, 1)  # (2C, B, H, F)
     got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [T2] * P, [T2] * P, sp)  # grouped by rank
     where = sp.cached(("all_gather_order", T2), lambda: torch.sort(
-        torch.cat([global_positions_of(s, P, T2) for s in range(P)])).indices)
-    return got.index_select(0, where.to(kv.device)).transpose(0, 1)
+        torch.cat([global_positions_of(s, P, T2) for s in range(P)])).indices, kv.device)
+    return got.index_select(0, where).transpose(0, 1)

@@ -46,10 +46,11 @@ def token_fetch_plan(requests: list[torch.Tensor], rank: int, size: int, chunk_l
 
 
 def fetch_tokens(x: torch.Tensor, plan: TokenFetchPlan, sp: SequenceParallel) -> torch.Tensor:
-    """`x [B, 2C, ...]` local → `[B, R, ...]` the requested tokens, differentiable."""
-    rows = x.transpose(0, 1).index_select(0, plan.send_index.to(x.device))  # (S, B, ...)
+    """`x [B, 2C, ...]` local → `[B, R, ...]` the requested tokens, differentiable; the plan's index
+    tensors on `x`'s device."""
+    rows = x.transpose(0, 1).index_select(0, plan.send_index)  # (S, B, ...)
     got = all_to_all(rows, plan.send_splits, plan.recv_splits, sp)  # (R, B, ...), grouped by source
-    return got.index_select(0, plan.restore.to(x.device)).transpose(0, 1)
+    return got.index_select(0, plan.restore).transpose(0, 1)
 
 
 def halo_starts(rank: int, size: int, chunk_len: int, halo_len: int) -> list[int]:
@@ -57,7 +58,7 @@ def halo_starts(rank: int, size: int, chunk_len: int, halo_len: int) -> list[int
     return [max(0, c * chunk_len - halo_len) for c in rank_chunks(rank, size)]
 
 
-def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int) -> TokenFetchPlan:
+def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int, device=None) -> TokenFetchPlan:
     def build():
         requests = []
         for d in range(sp.size):
@@ -66,14 +67,14 @@ def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int) -> TokenFetch
                                        for s, c in zip(starts, rank_chunks(d, sp.size))]))
         return token_fetch_plan(requests, sp.rank, sp.size, chunk_len)
 
-    return sp.cached(("halo", chunk_len, halo_len), build)
+    return sp.cached(("halo", chunk_len, halo_len), build, device)
 
 
 def exchange_halo(x: torch.Tensor, sp: SequenceParallel, halo_len: int):
     """Each local chunk with its halo in front: `[(x_ext [B, h_j + C, ...], first global index)]` for
     the rank's two chunks, and the bytes sent to other ranks."""
     chunk_len = x.shape[1] // 2
-    plan = halo_plan(sp, chunk_len, halo_len)
+    plan = halo_plan(sp, chunk_len, halo_len, x.device)
     halo = fetch_tokens(x, plan, sp)
     starts = halo_starts(sp.rank, sp.size, chunk_len, halo_len)
     out, at = [], 0

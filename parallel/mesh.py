@@ -1,6 +1,7 @@
 """The sequence-parallel process group and what is cached per group: passed explicitly, never global."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,11 +82,26 @@ class SequenceParallel:
         out, self.stats = self.stats, []
         return out
 
-    def cached(self, key, build):
-        """A plan for `key`, built once by `build()`; a few shapes per run, so the cache stays small."""
+    def cached(self, key, build, device=None):
+        """A plan for `key`, built once by `build()` (on the CPU) and kept with its tensors on `device`,
+        so that later calls copy nothing from the host; a few shapes per run keep the cache small."""
+        key = (key, None if device is None else str(device))
         if key not in self._plans:
             if len(self._plans) >= 64:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = build()
+            self._plans[key] = _to_device(build(), device)
         return self._plans[key]
+
+
+def _to_device(obj, device):
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj)})
+    return obj
 

@@ -48,7 +48,8 @@ def global_positions(sp: SequenceParallel, local_len: int, device=None) -> torch
     """Global index of each of the rank's `local_len` tokens, `[local_len]` int64."""
     if local_len % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks, so its length must be even, got {local_len}")
-    return global_positions_of(sp.rank, sp.size, local_len).to(device)
+    return sp.cached(("positions", local_len), lambda: global_positions_of(sp.rank, sp.size, local_len),
+                     torch.device("cpu") if device is None else device)
 
 
 def shard(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:
