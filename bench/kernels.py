@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import time
 
 import torch
@@ -114,6 +114,38 @@ def parts_cases(T, device):
     }
 
 
+TUNE = {  # env knob of triton_ops -> candidate settings; the first is the default
+    "NSA_TRITON_DENSE_DKDV": ["32,64,8,2", "64,64,8,2", "32,128,8,2", "16,128,4,3"],
+    "NSA_TRITON_DENSE_DQ": ["128,32,8,2", "128,64,8,2", "64,64,4,2"],
+    "NSA_TRITON_DENSE_FWD": ["128,64,8,2", "128,128,8,2", "128,64,8,3"],
+    "NSA_TRITON_SELECT": ["128,8", "128,4", "64,4"],
+    "NSA_TRITON_SEL": ["4,2", "4,3", "8,2"],
+}
+
+
+def tune(T, args, device):
+    """Each knob's candidates in turn (others at default), timed on the ops they affect."""
+    out = []
+    parts = parts_cases(T, device)
+    ops = {"NSA_TRITON_DENSE_DKDV": ("compressed", "window"), "NSA_TRITON_DENSE_DQ": ("compressed", "window"),
+           "NSA_TRITON_DENSE_FWD": ("compressed", "window"), "NSA_TRITON_SELECT": ("select",),
+           "NSA_TRITON_SEL": ("selection",)}
+    for knob, values in TUNE.items():
+        for value in values:
+            os.environ[knob] = value
+            for op in ops[knob]:
+                f, lv = parts[op]
+                try:
+                    t_f, t_fb = measure(f, lv, args)
+                    out.append(dict(row=f"tune:{knob[11:]}={value}:{op}", T=T, fwd_ms=t_f, fwdbwd_ms=t_fb))
+                except Exception as e:
+                    out.append(dict(row=f"tune:{knob[11:]}={value}:{op}", T=T,
+                                    note=f"skipped: {type(e).__name__}: {str(e)[:100]}"))
+                print(table(out[-1:]).splitlines()[-1], flush=True)
+        os.environ.pop(knob)
+    return out
+
+
 def measure(fwd, leaves, args):
     """(fwd ms, fwd+bwd ms); fwd+bwd is None for an op without gradient."""
     out = fwd()
@@ -164,10 +196,10 @@ def ratios(results):
 
 
 def table(results):
-    lines = [f"{'row':<22}{'T':>7}{'fwd ms':>11}{'fwd+bwd ms':>13}  note"]
+    lines = [f"{'row':<40}{'T':>7}{'fwd ms':>11}{'fwd+bwd ms':>13}  note"]
     for r in results:
         f = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
-        lines.append(f"{r['row']:<22}{r['T'] // 1024:>6}k{f(r.get('fwd_ms')):>11}{f(r.get('fwdbwd_ms')):>13}  "
+        lines.append(f"{r['row']:<40}{r['T'] // 1024:>6}k{f(r.get('fwd_ms')):>11}{f(r.get('fwdbwd_ms')):>13}  "
                      f"{r.get('note', '')}")
     return "\n".join(lines)
 
@@ -180,6 +212,7 @@ def main():
     p.add_argument("--parts-T", default="64k", help="lengths for the per-op breakdown")
     p.add_argument("--groups", action="store_true", help="also run paper_g4, cudnn_g4, paper_g1, cudnn_g1")
     p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
+    p.add_argument("--tune", default=None, help="time the kernels' tile-size candidates at this length, e.g. 64k")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
@@ -202,6 +235,8 @@ def main():
     except ImportError as e:
         meta["fla"] = f"missing: {e}"
     results, t0 = [], time.time()
+    if args.tune:
+        results += tune(parse_T(args.tune)[0], args, device)
     for row, T in plan:
         if time.time() - t0 > args.budget_s:
             results.append(dict(row=row, T=T, note="skipped: time budget"))

@@ -29,6 +29,8 @@ from .layout import compressed_layout, token_layout
 _LOG2E = 1.4426950408889634
 _POS_KEY = 1 << 40  # separates documents in the (document, position) sort keys
 _NO_UNIT = 2**31 - 1  # "no selected block" in the unit lists; sorts last
+_DKDV_ITERS = 256  # row tiles per dK/dV program before the query range is split across programs
+_DKDV_MAX_SPLITS = 64  # bounds the fp32 partial buffers of the split
 
 
 def _interpreting() -> bool:
@@ -184,11 +186,15 @@ def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk
 
 @triton.jit
 def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk_scale, scale, T, Tk, HQ, H, G,
-                       NGC, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                       BDV: tl.constexpr):
-    """One program per key tile and KV head: sums over the G heads and the queries that see it."""
+                       NGC, QS, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
+                       BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PARTIAL: tl.constexpr):
+    """One program per (key tile, KV head, split of QS queries): sums over the G heads and the
+    split's queries that see the tile. PARTIAL: write fp32 partials [split, B, Tk, H, D] that the
+    host sums in split order (the early compressed keys are seen by nearly every query, so one
+    program per key tile would serialise the whole sequence)."""
     pid_k = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1) % H
+    split = tl.program_id(1) // H
     bb = tl.program_id(2)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -199,7 +205,8 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
     v = tl.load(V + krow[:, None] * DV + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
     t_lo = tl.min(tl.load(QLO + kj, mask=kin, other=T), 0)
     t_hi = tl.max(tl.load(QHI + kj, mask=kin, other=0), 0)
-    t_lo = (t_lo // BT) * BT
+    t_lo = tl.maximum((t_lo // BT) * BT, split * QS)
+    t_hi = tl.minimum(t_hi, split * QS + QS)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     r = tl.arange(0, BT * GP)
@@ -226,10 +233,15 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk)
-    tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=kin[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + krow[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=kin[:, None] & (offs_dv[None, :] < DV))
+    if PARTIAL:
+        prow = ((split * tl.num_programs(2) + bb) * Tk + kj).to(tl.int64) * H + h
+        tl.store(DK + prow[:, None] * BD + offs_d[None, :], dk * scale, mask=kin[:, None])
+        tl.store(DV_OUT + prow[:, None] * BDV + offs_dv[None, :], dv, mask=kin[:, None])
+    else:
+        tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kin[:, None] & (offs_d[None, :] < D))
+        tl.store(DV_OUT + krow[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=kin[:, None] & (offs_dv[None, :] < DV))
 
 
 def _dense_config(kind: str, G: int, D: int, DV: int):
@@ -243,6 +255,9 @@ def _dense_config(kind: str, G: int, D: int, DV: int):
         rows, bn, warps, stages = (128, 32, 8, 2) if max(D, DV) <= 128 else (64, 32, 8, 1)
     else:
         rows, bn, warps, stages = (32, 64, 8, 2) if max(D, DV) <= 128 else (16, 32, 8, 1)
+    tuned = os.environ.get(f"NSA_TRITON_DENSE_{kind.upper()}")  # "rows,keys,warps,stages": for tuning runs
+    if tuned and not _interpreting():
+        rows, bn, warps, stages = (int(x) for x in tuned.split(","))
     rows = max(rows, GP)
     return GP, rows // GP, bn, warps, stages
 
@@ -264,7 +279,7 @@ def _dense_forward(q, k, v, lo, hi, scale):
     return o, lse
 
 
-def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale):
+def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale, span):
     B, T, HQ, D = q.shape
     Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
@@ -288,9 +303,21 @@ def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale):
     if Tk:
         GP, BT, BN, warps, stages = _dense_config("dkdv", G, D, DV)
         NGC = triton.cdiv(G, GP)
-        _dense_dkdv_kernel[(triton.cdiv(Tk, BN), H, B)](
-            q, k, v, do, lse, delta, dk, dv, lo, hi, qlo, qhi, scale * _LOG2E, scale, T, Tk, HQ, H, G, NGC, D, DV,
-            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, num_warps=warps, num_stages=stages)
+        # `span` bounds the queries one key tile meets: split the query axis only when that is long
+        QS = BT * max(1, (8 if _interpreting() else _DKDV_ITERS) // NGC)
+        n_split = 1 if min(span, T) <= 4 * QS else min(triton.cdiv(T, QS), _DKDV_MAX_SPLITS)
+        QS = triton.cdiv(triton.cdiv(T + BT, n_split), BT) * BT
+        partial = n_split > 1
+        if partial:
+            pdk = torch.empty((n_split, B, Tk, H, BD), dtype=torch.float32, device=q.device)
+            pdv = torch.empty((n_split, B, Tk, H, BDV), dtype=torch.float32, device=q.device)
+        _dense_dkdv_kernel[(triton.cdiv(Tk, BN), H * n_split, B)](
+            q, k, v, do, lse, delta, pdk if partial else dk, pdv if partial else dv, lo, hi, qlo, qhi,
+            scale * _LOG2E, scale, T, Tk, HQ, H, G, NGC, QS, D, DV,
+            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, PARTIAL=partial, num_warps=warps, num_stages=stages)
+        if partial:  # a fixed-order sum over the splits: deterministic
+            dk.copy_(pdk.sum(0)[..., :D])
+            dv.copy_(pdv.sum(0)[..., :DV])
     return dq, dk, dv
 
 
@@ -298,11 +325,11 @@ class _DenseAttention(torch.autograd.Function):
     """Attention of each query over its key interval `[lo_t, hi_t)`; returns (o, lse)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale):
+    def forward(ctx, q, k, v, lo, hi, scale, span):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = _dense_forward(q, k, v, lo, hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi)
-        ctx.scale = scale
+        ctx.scale, ctx.span = scale, span
         return o, lse
 
     @staticmethod
@@ -310,8 +337,8 @@ class _DenseAttention(torch.autograd.Function):
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, ctx.scale, ctx.span)
+        return dq, dk, dv, None, None, None, None
 
 
 def _compressed_intervals(T, q_offset, Tc, block_len, stride, cu_seqlens, device):
@@ -341,7 +368,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale, q_offset=
     o `[B, T, HQ, Dv]` (q's dtype), lse `[B, T, HQ]` fp32; no visible token: o = 0, lse = -inf.
     """
     lo, hi = _compressed_intervals(q.shape[1], q_offset, k_cmp.shape[1], block_len, stride, cu_seqlens, q.device)
-    return _DenseAttention.apply(q, k_cmp, v_cmp, lo, hi, scale)
+    return _DenseAttention.apply(q, k_cmp, v_cmp, lo, hi, scale, q.shape[1])
 
 
 def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqlens=None):
@@ -362,7 +389,7 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
                              f"{need} on, but k covers [{k_offset}, {k_offset + Tk}); pass the preceding "
                              f"window-1 keys (the halo) and set k_offset")
     lo, hi = _window_intervals(T, q_offset, Tk, k_offset, window, cu_seqlens, q.device)
-    return _DenseAttention.apply(q, k, v, lo, hi, scale)[0]
+    return _DenseAttention.apply(q, k, v, lo, hi, scale, window + 64)[0]
 
 
 @triton.jit
@@ -430,7 +457,9 @@ def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, 
         key = tl.where(forced, 0x7F800000 * 4294967296 + tie[None, :], key)
         key = tl.where(j[None, :] * select_size <= pos_q[:, None], key, -1 - j[None, :].to(tl.int64))
         key = tl.where(jj[None, :] < STEP, key, removed)
-        for _ in range(0, top_n):
+        # only keys above a row's current n-th best can enter; after the first chunks that is few
+        n_enter = tl.sum((key > tl.min(run, 1)[:, None]).to(tl.int32), 1)
+        for _ in range(0, tl.max(tl.minimum(n_enter, top_n), 0)):
             cmax = tl.max(key, 1)
             rmin = tl.min(run, 1)
             take = cmax > rmin
@@ -485,13 +514,16 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     BC = max(BC, _p2(R + EXTRA))
     STEP = (BC - EXTRA) // R
     BNB = max(16, _p2(STEP))
-    rows = 16 if _interpreting() else 128
+    rows, warps = (16, 4) if _interpreting() else (128, 8)
+    tuned = os.environ.get("NSA_TRITON_SELECT")  # "rows,warps": for tuning runs
+    if tuned and not _interpreting():
+        rows, warps = (int(x) for x in tuned.split(","))
     BT = max(1, rows // GPAD)
     tiles = _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, q.device)
     _select_kernel[(tiles.shape[0], H, B)](
         q, k_cmp, lse, idx, tiles, scale * _LOG2E, T, Tc, HQ, H, G, q_offset, D, block_len, stride,
         select_size, num_init, num_local, top_n, R, EXTRA, STEP,
-        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, NT=_p2(top_n), BD=_p2(max(D, 16)), num_warps=8, num_stages=2)
+        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, NT=_p2(top_n), BD=_p2(max(D, 16)), num_warps=warps, num_stages=2)
     return idx
 
 
@@ -514,7 +546,7 @@ def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL: tl.constexpr, BS: tl.constexpr)
 
 
 @triton.jit
-def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, USTART, ULIMIT, UBLK, QPOS,
+def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTART, ELIMIT, EBLK, QPOS,
                     qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
                     BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                     BDV: tl.constexpr, DQ_PASS: tl.constexpr):
@@ -551,7 +583,7 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, USTA
         acc = tl.zeros([BT * GPAD, BDV], tl.float32)
     for e in range(0, cnt):
         u = tl.load(ULIST + lst * LMAX + e)
-        kloc, kpos, k_in = _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL, BS)
+        kloc, kpos, k_in = _sel_unit_keys(lst * LMAX + e, ESTART, ELIMIT, EBLK, SEL, BS)
         kr = kv + kloc.to(tl.int64) * H
         k = tl.load(K + kr[:, None] * D + offs_d[None, :], mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + kr[:, None] * DV + offs_dv[None, :], mask=k_in[:, None] & (offs_dv[None, :] < DV),
@@ -663,7 +695,11 @@ def _sel_config(G: int):
     BT = max(1, 16 // GPAD)  # at least 16 rows: the smallest MMA tile
     if _interpreting():
         return BT, 4, 1, 3
-    return BT, (4 if BT * GPAD <= 16 else 8), 2, 256
+    warps, stages = 4 if BT * GPAD <= 16 else 8, 2
+    tuned = os.environ.get("NSA_TRITON_SEL")  # "warps,stages": for tuning runs
+    if tuned:
+        warps, stages = (int(x) for x in tuned.split(","))
+    return BT, warps, stages, 256
 
 
 def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
@@ -708,7 +744,10 @@ def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
     dup[..., 1:] = per_tile[..., 1:] == per_tile[..., :-1]
     ulist = torch.where(dup, torch.full_like(per_tile, _NO_UNIT), per_tile).sort(-1).values
     ucnt = (ulist != _NO_UNIT).sum(-1)
+    u = torch.where(ulist == _NO_UNIT, torch.zeros_like(ulist), ulist)
+    per_entry = [x[u].contiguous() if NU else torch.zeros_like(u, dtype=torch.int32) for x in units]  # the units' fields at each list entry
     return dict(ru=ru.to(torch.int32).contiguous(), ulist=ulist.to(torch.int32).contiguous(),
+                estart=per_entry[0], elimit=per_entry[1], eblk=per_entry[2],
                 ucnt=ucnt.to(torch.int32).contiguous(), ustart=units[0], ulimit=units[1], ublk=units[2],
                 qpos=qlay.pos.to(torch.int32), NU=NU, NTILE=NTILE, LMAX=BT * n)
 
@@ -753,14 +792,16 @@ class _SelectionAttention(torch.autograd.Function):
         if T:
             _launch_sel(q, k, v, None, lse, None, o, lse, plan, ctx.meta, dq_pass=False)
         ctx.save_for_backward(q, k, v, o, lse, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
-                              plan["ulimit"], plan["ublk"], plan["qpos"])
+                              plan["ulimit"], plan["ublk"], plan["qpos"], plan["estart"], plan["elimit"],
+                              plan["eblk"])
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, ru, ulist, ucnt, ustart, ulimit, ublk, qpos = ctx.saved_tensors
+        q, k, v, o, lse, ru, ulist, ucnt, ustart, ulimit, ublk, qpos, estart, elimit, eblk = ctx.saved_tensors
         meta = ctx.meta
         plan = dict(ru=ru, ulist=ulist, ucnt=ucnt, ustart=ustart, ulimit=ulimit, ublk=ublk, qpos=qpos,
+                    estart=estart, elimit=elimit, eblk=eblk,
                     NU=meta["NU"], NTILE=meta["NTILE"], LMAX=meta["LMAX"])
         B, T, HQ, D = q.shape
         Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -799,8 +840,8 @@ def _launch_sel(q, k, v, do, lse, delta, out, lse_out, plan, meta, dq_pass):
     G = HQ // H
     n = plan["ru"].shape[-1]
     _sel_fwd_kernel[(plan["NTILE"], H, B)](
-        q, k, v, do, lse, delta, out, lse_out, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
-        plan["ulimit"], plan["ublk"], plan["qpos"], meta["scale"] * _LOG2E, meta["scale"], T, Tk, HQ, H, G, n,
+        q, k, v, do, lse, delta, out, lse_out, plan["ru"], plan["ulist"], plan["ucnt"], plan["estart"],
+        plan["elimit"], plan["eblk"], plan["qpos"], meta["scale"] * _LOG2E, meta["scale"], T, Tk, HQ, H, G, n,
         plan["NTILE"], plan["LMAX"], D, DV, meta["select_size"],
         BT=meta["BT"], GPAD=_p2(G), NP=_p2(n), BS=_p2(max(meta["select_size"], 16)), BD=_p2(max(D, 16)),
         BDV=_p2(max(DV, 16)), DQ_PASS=dq_pass, num_warps=meta["warps"], num_stages=meta["stages"])
