@@ -217,6 +217,8 @@ def _export_slurm_rendezvous() -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM_*, as submitit computes them."""
     from submitit.helpers import TorchDistributedEnvironment
 
+    # submitit reads SLURM_* only once told it runs under Slurm; its own jobs set this, plain srun does not.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     # The port is derived from the job id, so every task of the job agrees on it without talking.
     # CUDA_VISIBLE_DEVICES is left alone: with one task per GPU Slurm has already narrowed it.
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -349,9 +351,8 @@ def _start_with_elastic_agent(launcher: LauncherConfig, cfg: DictConfig, entry: 
     log.info("starting %d ranks on this node (%d node(s), rendezvous %s)", nproc, launcher.nnodes,
              launcher.rdzv_endpoint)
     results = elastic_launch(config, _elastic_rank)(entry, _plain_config(cfg), str(run_dir))
-    if int(os.environ.get("GROUP_RANK", 0)) == 0 and 0 in results:
-        return results[0]
-    return next(iter(results.values()), None)
+    # Keyed by global rank: on the first node that includes rank 0, on the others their lowest rank.
+    return results[min(results)]
 
 
 def _elastic_rank(entry: Callable[..., Any], cfg: DictConfig, run_dir: str) -> Any:

@@ -60,9 +60,10 @@ needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slu
 needs_ray = pytest.mark.skipif(ray_unavailable() is not None, reason=str(ray_unavailable()))
 
 
-def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S, **env_overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")}
+    env.update(env_overrides)
     # Keeps every Ray socket of the driver on loopback (see launch/ci/start_ray.sh).
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     done = subprocess.run([sys.executable, "-m", "nsa_dist.train", *args], cwd=cwd, env=env,
@@ -91,6 +92,54 @@ def test_torchrun_style_two_ranks_on_this_host(tmp_path):
                      cwd=tmp_path)
     assert_ok(done)
     assert_two_rank_run(tmp_path / "run", "torchrun")
+
+
+def test_two_torchrun_nodes_meet_at_one_rendezvous(tmp_path):
+    """The multi-node path, as two 'nodes' on this host that meet only through the rendezvous endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = ("launcher=torchrun", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+            f"launcher.rdzv_endpoint=127.0.0.1:{port}", "launcher.rdzv_id=two_nodes", *TINY)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # Two 'nodes' share this host's cores; each would otherwise take all of them and spin against the other.
+    env["OMP_NUM_THREADS"] = "1"
+    first = subprocess.Popen([sys.executable, "-m", "nsa_dist.train", *node, f"hydra.run.dir={tmp_path / 'a'}"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        second = hydra_cli(*node, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, OMP_NUM_THREADS="1")
+        out, _ = first.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out[-4000:]
+    assert_ok(second)
+    # Whichever node joined first holds rank 0 and writes the run's outputs.
+    run_dir = next(d for d in (tmp_path / "a", tmp_path / "b") if (d / "distributed.json").exists())
+    assert_two_rank_run(run_dir, "torchrun")
+
+
+@needs_slurm
+def test_sbatch_template_runs_two_ranks(tmp_path):
+    """launch/slurm.sbatch as a user without Hydra's launcher submits it, scaled down to this CPU node."""
+    template = Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch"
+    submitted = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
+                                "--gpus-per-node=0", "--time=10", f"--output={tmp_path / 'slurm-%j.out'}",
+                                str(template), *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    state = ""
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True).stdout
+        state = next((f.split("=", 1)[1] for f in info.split() if f.startswith("JobState=")), "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(1)
+    else:
+        subprocess.run(["scancel", job_id])
+    log = (tmp_path / f"slurm-{job_id}.out").read_text() if (tmp_path / f"slurm-{job_id}.out").exists() else ""
+    assert state == "COMPLETED", f"job {job_id} ended {state or 'never'}\n{log[-4000:]}"
+    assert_two_rank_run(tmp_path / "outputs" / "slurm" / job_id, "slurm")
 
 
 @needs_slurm
