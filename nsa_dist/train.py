@@ -138,7 +138,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
 
-            losses.append(distributed.mean_across_ranks(loss, dist_ctx))  # host sync: the loss is logged every step
+            # host sync: the loss is logged every step
+            losses.append(distributed.mean_across_ranks(loss.detach(), dist_ctx))
             tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -167,9 +168,10 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
         save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": cfg.steps,
                          "data": source.state_dict(), "config": asdict(run)},
                         checkpoint)
-    answer = f", eval answer accuracy {eval_metrics['answer_accuracy']:.3f}" if "answer_accuracy" in eval_metrics else ""
+    answer = eval_metrics.get("answer_accuracy")
+    answer_note = "" if answer is None else f", eval answer accuracy {answer:.3f}"
     log.info("done: %d steps in %.0f s, loss %.3f (first) -> %.3f (last)%s, %.0f tokens/s; weights in %s",
-             cfg.steps, elapsed, losses[0], losses[-1], answer, mean_tokens_per_s, checkpoint)
+             cfg.steps, elapsed, losses[0], losses[-1], answer_note, mean_tokens_per_s, checkpoint)
     return TrainResult(losses=losses, eval_metrics=eval_metrics, tokens_per_s=mean_tokens_per_s, run_dir=run_dir,
                        checkpoint=checkpoint)
 

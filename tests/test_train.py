@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nsa_dist.config import TrainConfig
 from nsa_dist.train import lr_at, main
 
-FAST = ("trainer.batch_size=4", "data.seq_len=256", "trainer.eval_batch_size=4", "trainer.progress_bar=false",
+FAST = ("trainer.batch_size=2", "data.seq_len=256", "trainer.eval_batch_size=4", "trainer.progress_bar=false",
         "trainer.device=cpu")
 
 
