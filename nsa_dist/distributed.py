@@ -254,8 +254,11 @@ def _join(launcher: LauncherConfig, started_by: str, *, trainer_device: str) -> 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     log.info("rank %d of %d joining the %s group at %s:%s (started by %s)", rank, world_size, backend,
              master_addr, env.get("MASTER_PORT", "?"), started_by)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=launcher.timeout_s))
+    if dist.is_initialized():
+        backend = dist.get_backend()  # the caller made the group already; join it as it is
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=launcher.timeout_s))
     if rank != 0:
         # Rank 0 speaks for the job; the others report only problems.
         logging.getLogger().setLevel(logging.WARNING)
