@@ -115,10 +115,10 @@ def parts_cases(T, device):
 
 
 TUNE = {  # env knob of triton_ops -> candidate settings; the first is the default
-    "NSA_TRITON_DENSE_DKDV": ["32,64,8,2", "64,64,8,2", "32,128,8,2", "16,128,4,3"],
-    "NSA_TRITON_DENSE_DQ": ["128,32,8,2", "128,64,8,2", "64,64,4,2"],
-    "NSA_TRITON_DENSE_FWD": ["128,64,8,2", "128,128,8,2", "128,64,8,3"],
-    "NSA_TRITON_SELECT": ["128,8", "128,4", "64,4"],
+    "NSA_TRITON_DENSE_DKDV": ["32,128,8,2", "32,64,8,2", "64,64,8,2", "64,128,8,2"],
+    "NSA_TRITON_DENSE_DQ": ["64,64,4,2", "128,32,8,2", "128,64,8,2"],
+    "NSA_TRITON_DENSE_FWD": ["128,64,8,3", "128,64,8,2", "128,128,8,2"],
+    "NSA_TRITON_SELECT": ["128,8", "64,4", "128,4"],
     "NSA_TRITON_SEL": ["4,2", "4,3", "8,2"],
 }
 
@@ -131,6 +131,8 @@ def tune(T, args, device):
            "NSA_TRITON_DENSE_FWD": ("compressed", "window"), "NSA_TRITON_SELECT": ("select",),
            "NSA_TRITON_SEL": ("selection",)}
     for knob, values in TUNE.items():
+        if args.tune_knobs and knob[11:] not in args.tune_knobs.split(","):
+            continue
         for value in values:
             os.environ[knob] = value
             for op in ops[knob]:
@@ -213,6 +215,7 @@ def main():
     p.add_argument("--groups", action="store_true", help="also run paper_g4, cudnn_g4, paper_g1, cudnn_g1")
     p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
     p.add_argument("--tune", default=None, help="time the kernels' tile-size candidates at this length, e.g. 64k")
+    p.add_argument("--tune-knobs", default=None, help="only these knobs, e.g. SELECT,DENSE_DKDV")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
