@@ -172,6 +172,9 @@ def run_sharded(layer, n, sp, args, device, dtype) -> dict:
         oom = 0
     except torch.OutOfMemoryError:
         seconds, oom = None, 1
+    except NotImplementedError as e:  # raised on every rank alike, before any exchange of the step
+        sp.pop_stats()
+        return dict(seconds=None, error=f"not implemented: {str(e)[:80]}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if summed([oom], sp, device)[0]:
