@@ -12,13 +12,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -38,11 +39,11 @@ EVAL_SEED_OFFSET = 1_000_003
 
 @dataclass(frozen=True)
 class TrainResult:
-    losses: list[float]
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    tokens_per_s: float = 0.0
-    run_dir: Path = Path(".")
-    checkpoint: Path = Path("final.pt")
+    losses: list[float]  # one per step, the mean over ranks
+    eval_metrics: dict[str, float]  # the last evaluation
+    tokens_per_s: float  # per rank, averaged over the run
+    run_dir: Path
+    checkpoint: Path
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -199,8 +200,6 @@ def _flat_hparams(tree: dict, prefix: str = "") -> dict:
 
 
 def _default_run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
