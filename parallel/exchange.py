@@ -209,36 +209,72 @@ def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel,
     yield 0, global_positions(sp, T2, kv.device), kv
     for s in range(1, P):
         post(s + 1)
-        got, pending = posted.pop(s)
-        for req in pending:
-            req.wait()
+        got = finish_ring_step(*posted.pop(s))
         src = (r - s) % P
         yield s, (remote_by_owner[src][:, None] * select_size + offs).flatten(), got.transpose(0, 1)
 
 
 def ring_step(x: torch.Tensor, recv_rows: int, dst: int, src: int, sp: SequenceParallel):
     """Post one ring step: send `x` to `dst`, receive `recv_rows` rows from `src`. Returns the receive
-    buffer (read it only after waiting on the returned requests); the backward is the reverse step."""
-    pending = []
-    got = _RingStep.apply(x, recv_rows, dst, src, sp, pending)
-    return got, pending
+    buffer, to be read only through `finish_ring_step`, and the step's link.
+
+    The backward is the reverse step, split over three autograd nodes so that it overlaps too: the
+    node made by `finish_ring_step` (created after the attention that overlapped the forward
+    transfer, so the backward reaches it before that attention's backward) posts the reverse
+    transfer; the step's own node hands on the gradient being received; an identity node in front
+    waits for it where the gradient of `x` is finally needed.
+    """
+    link = {"meta": (x.shape[0], dst, src, sp)}
+    return _RingStep.apply(_AwaitReverseStep.apply(x, link), recv_rows, link), link
+
+
+def finish_ring_step(got: torch.Tensor, link: dict) -> torch.Tensor:
+    """Wait for a step's rows to arrive; the result carries the gradient back by the reverse step."""
+    for req in link.pop("forward"):
+        req.wait()
+    return _PostReverseStep.apply(got, link)
 
 
 class _RingStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, recv_rows, dst, src, sp, pending):
-        ctx.meta = (x.shape[0], dst, src, sp)
-        got, reqs = _post_send_recv(x.contiguous(), recv_rows, dst, src, sp)
-        pending.extend(reqs)
+    def forward(ctx, x, recv_rows, link):
+        ctx.link = link
+        _, dst, src, sp = link["meta"]
+        got, link["forward"] = _post_send_recv(x.contiguous(), recv_rows, dst, src, sp)
         return got
 
     @staticmethod
     def backward(ctx, grad):
-        send_rows, dst, src, sp = ctx.meta
-        dx, reqs = _post_send_recv(grad.contiguous(), send_rows, src, dst, sp)
+        return ctx.link["reverse"][2], None, None  # filled once _AwaitReverseStep has waited
+
+
+class _PostReverseStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, got, link):
+        ctx.link = link
+        return got.view_as(got)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_rows, dst, src, sp = ctx.link["meta"]
+        grad = grad.contiguous()
+        dx, reqs = _post_send_recv(grad, send_rows, src, dst, sp)
+        ctx.link["reverse"] = (reqs, grad, dx)  # the sent gradient must live until the wait
+        return grad, None
+
+
+class _AwaitReverseStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, link):
+        ctx.link = link
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        reqs, _, _ = ctx.link.pop("reverse")
         for req in reqs:
             req.wait()
-        return dx, None, None, None, None, None
+        return grad, None
 
 
 def _post_send_recv(x, recv_rows, dst, src, sp):
