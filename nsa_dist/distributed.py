@@ -364,11 +364,11 @@ def _elastic_rank(entry: Callable[..., Any], cfg: DictConfig, run_dir: str) -> A
 
 
 def _start_on_ray(launcher: LauncherConfig, cfg: DictConfig, entry: Callable[..., Any], run_dir: Path) -> Any:
+    connect_to_ray(launcher)
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    connect_to_ray(launcher)
     n = launcher.num_workers
     total = ray.cluster_resources()
     use_gpu = launcher.use_gpu if launcher.use_gpu != "auto" else total.get("GPU", 0) > 0
@@ -423,13 +423,14 @@ def _start_on_ray(launcher: LauncherConfig, cfg: DictConfig, entry: Callable[...
 
 def connect_to_ray(launcher: LauncherConfig) -> None:
     """Join the cluster at launcher.address, or start a private one on this machine when it is null."""
+    if launcher.loopback:
+        # Ray otherwise advertises the node by its default-route address even when told 127.0.0.1.
+        # Ray reads it at import, and a private cluster's processes inherit it: set it before both.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    if launcher.loopback:
-        # Ray otherwise advertises the node by its default-route address even when told 127.0.0.1.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if launcher.address and launcher.address != "auto":
         check_reachable(launcher.address, timeout_s=launcher.connect_timeout_s, what="Ray cluster")
         ray.init(address=launcher.address)
