@@ -371,7 +371,10 @@ def _start_on_ray(launcher: LauncherConfig, cfg: DictConfig, entry: Callable[...
 
     n = launcher.num_workers
     total = ray.cluster_resources()
-    use_gpu = launcher.use_gpu if launcher.use_gpu != "auto" else total.get("GPU", 0) > 0
+    if launcher.use_gpu == "auto":
+        use_gpu = total.get("GPU", 0) > 0 and _trainer_device(cfg) != "cpu"
+    else:
+        use_gpu = launcher.use_gpu
     bundle = {"CPU": launcher.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     short = {k: (v * n, total.get(k, 0)) for k, v in bundle.items() if v * n > total.get(k, 0)}
     if short:

@@ -1,5 +1,6 @@
 """Every config group and launcher entry composes and instantiates; launch requests that cannot be met
 fail at once with a message that names the fix. Nothing here needs a running Slurm or Ray."""
+import os
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 
 from nsa_dist.config import RunConfig, run_config
 from nsa_dist.distributed import LauncherConfig, launcher_config, split_address
-from nsa_dist.launchers import LaunchCheck, _gpus_in_gres
+from nsa_dist.launchers import LaunchCheck, _gpus_in_gres, check_slurm_request
 from nsa_dist.train import main
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -140,7 +141,36 @@ def test_unreachable_ray_address_fails_the_sweep_in_seconds(tmp_path):
 
 
 def _clean_env():
-    import os
-
     return {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")}
+
+
+@pytest.fixture
+def fake_sinfo(tmp_path, monkeypatch):
+    """A `sinfo` that answers like a cluster with a 2-node gpu partition (8 GPUs, 64 CPUs each) and a cpu partition."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "sinfo"
+    script.write_text("""#!/bin/sh
+case "$*" in
+  *--format=%P*) printf 'cpu*\\ngpu\\n' ;;
+  *--partition=gpu) printf 'g1|64|gpu:h100:8(S:0-1)|gpu\\ng2|64|gpu:h100:8(S:0-1)|gpu\\n' ;;
+  *--partition=*) ;;
+  *) printf 'c1|32|(null)|cpu*\\ng1|64|gpu:h100:8(S:0-1)|gpu\\ng2|64|gpu:h100:8(S:0-1)|gpu\\n' ;;
+esac
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_request_check_against_partition_sizes(fake_sinfo):
+    check_slurm_request(partition="gpu", nodes=2, tasks_per_node=8, cpus_per_task=8, gpus_per_node=8)
+    check_slurm_request(partition=None, nodes=1, tasks_per_node=32, cpus_per_task=1, gpus_per_node=0)
+    with pytest.raises(ValueError, match="Slurm has no partition 'gpux': set hydra.launcher.partition to one of cpu, gpu"):
+        check_slurm_request(partition="gpux", nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0)
+    with pytest.raises(ValueError, match="hydra.launcher.nodes=3 but gpu has 2 node"):
+        check_slurm_request(partition="gpu", nodes=3, tasks_per_node=8, cpus_per_task=8, gpus_per_node=8)
+    with pytest.raises(ValueError, match="largest node has 64 CPUs and 8 GPUs"):
+        check_slurm_request(partition="gpu", nodes=1, tasks_per_node=16, cpus_per_task=1, gpus_per_node=16)
+    with pytest.raises(ValueError, match="largest node has 32 CPUs and 0 GPUs"):
+        check_slurm_request(partition=None, nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=1)

@@ -24,9 +24,16 @@ if port_open; then
     exit 0
 fi
 
+# The dashboard costs seconds and memory that CI does not need; NSA_RAY_DASHBOARD=1 serves it on loopback.
+if [ "${NSA_RAY_DASHBOARD:-0}" = 1 ]; then
+    dashboard=(--include-dashboard=true --dashboard-host=127.0.0.1)
+else
+    dashboard=(--include-dashboard=false)
+fi
+
 mkdir -p "$RAY_DIR"
 ray start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
-    --include-dashboard=false --disable-usage-stats --temp-dir="$RAY_DIR" >"$RAY_DIR/start.log" 2>&1 \
+    "${dashboard[@]}" --disable-usage-stats --temp-dir="$RAY_DIR" >"$RAY_DIR/start.log" 2>&1 \
     || { cat "$RAY_DIR/start.log" >&2; die "ray start failed (output above, also in $RAY_DIR/start.log)"; }
 for _ in $(seq 30); do
     if ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
