@@ -240,7 +240,8 @@ def _join(launcher: LauncherConfig, started_by: str, *, trainer_device: str) -> 
     if "OMP_NUM_THREADS" not in env:
         # Ranks sharing a host would each take a thread per core; oversubscribed, the spinning
         # OpenMP threads slow CPU training by an order of magnitude.
-        per_rank = int(env.get("SLURM_CPUS_PER_TASK", 0)) or (os.cpu_count() or 1) // int(env.get("LOCAL_WORLD_SIZE", 1))
+        ranks_here = int(env.get("LOCAL_WORLD_SIZE", 1))
+        per_rank = int(env.get("SLURM_CPUS_PER_TASK", 0)) or (os.cpu_count() or 1) // ranks_here
         torch.set_num_threads(max(1, per_rank))
     if backend == "nccl":
         if not torch.cuda.is_available():
@@ -249,8 +250,11 @@ def _join(launcher: LauncherConfig, started_by: str, *, trainer_device: str) -> 
         # leaves that GPU as device 0; otherwise the local rank picks it.
         torch.cuda.set_device(local_rank if torch.cuda.device_count() > 1 else 0)
     master_addr = env.get("MASTER_ADDR", "")
-    if _is_loopback(master_addr):
+    one_host = int(env.get("LOCAL_WORLD_SIZE", world_size)) == world_size
+    if one_host and _is_loopback(master_addr):
         # gloo otherwise listens on whatever the hostname resolves to, which may not be loopback.
+        # Only when every rank is here: Debian maps a node's own name to 127.0.1.1, which would
+        # pin rank 0 of a multi-node job to an interface the other nodes cannot reach.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     log.info("rank %d of %d joining the %s group at %s:%s (started by %s)", rank, world_size, backend,
              master_addr, env.get("MASTER_PORT", "?"), started_by)

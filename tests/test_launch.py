@@ -56,11 +56,13 @@ def ray_unavailable() -> str | None:
     return None
 
 
-needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
-needs_ray = pytest.mark.skipif(ray_unavailable() is not None, reason=str(ray_unavailable()))
+SLURM_MISSING, RAY_MISSING = slurm_unavailable(), ray_unavailable()
+needs_slurm = pytest.mark.skipif(SLURM_MISSING is not None, reason=str(SLURM_MISSING))
+needs_ray = pytest.mark.skipif(RAY_MISSING is not None, reason=str(RAY_MISSING))
 
 
-def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S, **env_overrides: str) -> subprocess.CompletedProcess:
+def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S,
+              **env_overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")}
     env.update(env_overrides)
@@ -72,7 +74,8 @@ def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S, **env_overr
 
 
 def assert_ok(done: subprocess.CompletedProcess) -> None:
-    assert done.returncode == 0, f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, (f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n"
+                                  f"--- stderr\n{done.stderr[-6000:]}")
 
 
 def assert_two_rank_run(run_dir: Path, started_by: str) -> None:

@@ -166,7 +166,7 @@ esac
 def test_slurm_request_check_against_partition_sizes(fake_sinfo):
     check_slurm_request(partition="gpu", nodes=2, tasks_per_node=8, cpus_per_task=8, gpus_per_node=8)
     check_slurm_request(partition=None, nodes=1, tasks_per_node=32, cpus_per_task=1, gpus_per_node=0)
-    with pytest.raises(ValueError, match="Slurm has no partition 'gpux': set hydra.launcher.partition to one of cpu, gpu"):
+    with pytest.raises(ValueError, match="no partition 'gpux': set hydra.launcher.partition to one of cpu, gpu"):
         check_slurm_request(partition="gpux", nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0)
     with pytest.raises(ValueError, match="hydra.launcher.nodes=3 but gpu has 2 node"):
         check_slurm_request(partition="gpu", nodes=3, tasks_per_node=8, cpus_per_task=8, gpus_per_node=8)
