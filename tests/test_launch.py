@@ -66,8 +66,10 @@ def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S,
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")}
     env.update(env_overrides)
-    # Keeps every Ray socket of the driver on loopback (see launch/ci/start_ray.sh).
+    # Keeps every Ray socket of the driver on loopback, and matches the auth mode of the head that
+    # launch/ci/start_ray.sh starts (token unless RAY_AUTH_MODE says otherwise).
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env.setdefault("RAY_AUTH_MODE", "token")
     done = subprocess.run([sys.executable, "-m", "nsa_dist.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return done

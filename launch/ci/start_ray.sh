@@ -9,6 +9,10 @@ RAY_DIR=${NSA_RAY_DIR:-/tmp/nsa_dist_ray}
 CPUS=${NSA_RAY_CPUS:-$(nproc)}
 # Without it Ray takes the node address from the default route (eth0) even with --node-ip-address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Ray turns token auth on by itself once ~/.ray/auth_token exists (any ray.init() that started a
+# private cluster writes one), and then a driver without RAY_AUTH_MODE=token is refused. Choose the
+# mode here, so that it does not depend on what ran on this machine before; drivers must match it.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
 log() { echo "start_ray: $*"; }
 die() { echo "start_ray: error: $*" >&2; exit 1; }
@@ -19,7 +23,7 @@ port_open() { python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1);
 
 if port_open; then
     ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1 \
-        || die "127.0.0.1:$PORT is taken by something that is not a Ray head: free it or set NSA_RAY_PORT"
+        || die "127.0.0.1:$PORT answers but not as a Ray head this environment may use (another program, or a head with another RAY_AUTH_MODE): stop it (launch/ci/stop_ray.sh) or set NSA_RAY_PORT"
     log "Ray head already up at 127.0.0.1:$PORT (logs in $RAY_DIR/session_latest/logs)"
     exit 0
 fi
@@ -32,13 +36,16 @@ else
 fi
 
 mkdir -p "$RAY_DIR"
+if [ "$RAY_AUTH_MODE" = token ]; then
+    ray get-auth-token --generate >/dev/null
+fi
 ray start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
     "${dashboard[@]}" --disable-usage-stats --temp-dir="$RAY_DIR" >"$RAY_DIR/start.log" 2>&1 \
     || { cat "$RAY_DIR/start.log" >&2; die "ray start failed (output above, also in $RAY_DIR/start.log)"; }
 for _ in $(seq 30); do
     if ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
         log "Ray head up at 127.0.0.1:$PORT with $CPUS CPUs (logs in $RAY_DIR/session_latest/logs)"
-        log "drivers need: export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:$PORT"
+        log "drivers need: export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_ADDRESS=127.0.0.1:$PORT"
         exit 0
     fi
     sleep 1

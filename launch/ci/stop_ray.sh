@@ -2,7 +2,7 @@
 # Stops the Ray processes of this user (what start_ray.sh started). Safe when none run. Run it from
 # the environment that started Ray, so that `ray` is on PATH.
 set -uo pipefail
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
 ray_running() { pgrep -u "$(id -u)" -x raylet >/dev/null || pgrep -u "$(id -u)" -x gcs_server >/dev/null; }
 
