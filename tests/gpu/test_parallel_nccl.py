@@ -61,7 +61,9 @@ def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all
     dist.all_reduce(x_bf.grad, group=sp.group)
     errs["dx"] = (rel(x_bf.grad, x_ref.grad), TOL_GRAD)
     ref_grads = dict(ref_layer.named_parameters())
-    floor = 1e-3 * max(float(p.grad.norm()) for p in ref_grads.values())  # see tests/test_parallel.py
+    # φ_k's output bias has a zero gradient up to rounding (softmax ignores a shift of every score), and
+    # bf16 makes small gradients noisy: under 1e-3 of the largest, they are measured against that.
+    floor = 1e-3 * max(float(p.grad.norm()) for p in ref_grads.values())
     for n, p in layer.named_parameters():
         grad = p.grad.float()
         dist.all_reduce(grad, group=sp.group)
