@@ -8,7 +8,6 @@ CPUs or GPUs than the partition's nodes have (unless the site enforces partition
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
@@ -18,8 +17,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from nsa_dist.distributed import check_reachable, launcher_config
-
-log = logging.getLogger(__name__)
 
 
 class LaunchCheck(Callback):
