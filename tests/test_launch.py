@@ -5,6 +5,7 @@ those tests skip and say why. Each run trains a tiny model for a few steps and m
 run directory, distributed.json showing both ranks in one process group and TensorBoard events
 with a falling loss. The torchrun-style test needs no cluster and always runs.
 """
+import functools
 import json
 import os
 import shutil
@@ -57,8 +58,25 @@ def ray_unavailable() -> str | None:
 
 
 SLURM_MISSING, RAY_MISSING = slurm_unavailable(), ray_unavailable()
-needs_slurm = pytest.mark.skipif(SLURM_MISSING is not None, reason=str(SLURM_MISSING))
-needs_ray = pytest.mark.skipif(RAY_MISSING is not None, reason=str(RAY_MISSING))
+# CI starts both clusters, so there a missing one is a failure, never a quiet skip.
+REQUIRE_CLUSTERS = os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def needs(missing: str | None):
+    def mark(test):
+        if missing is None:
+            return test
+        if REQUIRE_CLUSTERS:
+            @functools.wraps(test)
+            def fail(*args, **kwargs):
+                pytest.fail(f"CI=true but {missing}")
+            return fail
+        return pytest.mark.skip(reason=missing)(test)
+    return mark
+
+
+needs_slurm = needs(SLURM_MISSING)
+needs_ray = needs(RAY_MISSING)
 
 
 def hydra_cli(*args: str, cwd: Path, timeout: float = JOB_TIMEOUT_S,
