@@ -73,11 +73,12 @@ class Compression(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
-        x = blocks + self.pos[:, None, :]  # (B, Tc, l, H, D)
+        # in the blocks' dtype: an fp32 table would promote bf16 keys, and the ops refuse mixed dtypes
+        x = blocks + self.pos.to(blocks.dtype)[:, None, :]  # (B, Tc, l, H, D)
         out = x.mean(2)  # (B, Tc, H, D)
         if self.kind == "mlp":
             out = out + self.mlp(x.permute(0, 1, 3, 2, 4).flatten(-2))  # (B, Tc, H, l*D) → (B, Tc, H, D)
-        return out
+        return out.to(blocks.dtype)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -83,3 +83,15 @@ def test_bad_shapes_are_named():
         ModelConfig(num_heads=3, num_kv_heads=2).validate()
     with pytest.raises(ValueError, match="integer tensor"):
         NSATransformer(ModelConfig(hidden_size=32, num_layers=1, head_dim=8), NSAConfig(**TINY))(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_layer_runs_under_bf16_autocast(compression):
+    m = layer(compression=compression)
+    x = torch.randn(1, 67, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    ref = m(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).norm() / ref.norm() < 5e-2
