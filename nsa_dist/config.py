@@ -1,7 +1,8 @@
 """The composed Hydra config turned into plain frozen dataclasses, once, with errors that say the fix.
 
 `run_config(cfg)` is the only place that reads a `DictConfig`; everything below it takes the
-dataclass of its own section (`ModelConfig`, `NSAConfig`, `DataConfig`, `TrainConfig`).
+dataclass of its own section (`ModelConfig`, `NSAConfig`, `DataConfig`, `TrainConfig`,
+`ParallelConfig`, `ZeroConfig`). `parallel` and `zero` may be absent: one replica, plain torch.
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from nsa_dist.data import DataConfig
+from nsa_dist.engine import ZeroConfig
 from nsa_dist.layer import NSAConfig
+from nsa_dist.mesh import ParallelConfig
 from nsa_dist.model import ModelConfig
+from nsa_dist.parallel import check_length
 
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
@@ -41,13 +45,19 @@ class TrainConfig:
     eval_every: int = 25  # 0: evaluate only at the end
     eval_batch_size: int = 16
     progress_bar: bool = True
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none during the run
+    checkpoint_keep: int = 2  # finished checkpoints kept on disk
+    checkpoint_dir: str | None = None  # None: <run dir>/checkpoints
+    resume: str = "auto"  # auto: the latest finished checkpoint, if any | never | <checkpoint path>
+    peak_flops: float | None = None  # per device, for model FLOPs utilisation; None: known GPUs only
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "batch_size", "lr", "log_every", "eval_batch_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name} must be positive, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_every")
+        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
@@ -56,6 +66,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.checkpoint_keep < 1:
+            raise ValueError(f"trainer.checkpoint_keep must be at least 1, got {self.checkpoint_keep}")
+        if not self.resume:
+            raise ValueError("trainer.resume must be auto, never or a checkpoint path")
         for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown trainer.{name}={getattr(self, name)!r}: choose one of {allowed}")
@@ -68,6 +82,8 @@ class RunConfig:
     nsa: NSAConfig
     data: DataConfig
     trainer: TrainConfig
+    parallel: ParallelConfig = ParallelConfig()
+    zero: ZeroConfig = ZeroConfig()
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
@@ -76,6 +92,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
     missing = [name for name in sections if name not in cfg]
     if missing:
         raise ValueError(f"config has no {', '.join(missing)} section: compose it from nsa_dist.conf/config.yaml")
+    optional = {"parallel": ParallelConfig, "zero": ZeroConfig}
+    sections.update({name: cls for name, cls in optional.items() if cfg.get(name) is not None})
     built = {name: _dataclass_from(cls, cfg[name], name) for name, cls in sections.items()}
     try:
         built["model"].validate()
@@ -87,6 +105,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
         raise ValueError(f"{e}: fix the nsa.* override or pick a preset (nsa=paper|fla|tiny)") from e
     built["data"].validate()
     built["trainer"].validate()
+    for name in optional:
+        if name in built:
+            built[name].validate()
     run = RunConfig(**built)
     _check_consistent(run)
     return run
@@ -98,6 +119,11 @@ def _check_consistent(run: RunConfig) -> None:
         fit = max(select_size, seq_len // select_size * select_size)
         raise ValueError(f"data.seq_len={seq_len} is not a multiple of nsa.select_size={select_size}: "
                          f"use e.g. data.seq_len={fit}")
+    if run.parallel.sp > 1:
+        try:
+            check_length(seq_len, run.parallel.sp, multiple=select_size, what=f"data.seq_len={seq_len}")
+        except ValueError as e:
+            raise ValueError(f"parallel.sp={run.parallel.sp}: {e}") from e
     if run.data.kind in ("passkey", "text") and run.model.vocab_size < 256:
         raise ValueError(f"data={run.data.kind} is byte-level: model.vocab_size must be at least 256, "
                          f"got {run.model.vocab_size}")

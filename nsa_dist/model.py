@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nsa_dist.layer import NativeSparseAttention, NSAConfig
 
@@ -80,7 +81,11 @@ class NSATransformer(nn.Module):
 
     With `sp=SequenceParallel(...)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
     and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global.
+    With `activation_checkpointing`, training keeps only each layer's input and recomputes the layer
+    in the backward (its exchanges included: every rank recomputes the same layers in the same order).
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, config: ModelConfig, nsa: NSAConfig = NSAConfig()):
         super().__init__()
@@ -110,5 +115,8 @@ class NSATransformer(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
         x = self.embed(tokens)  # (B, T, hidden)
         for layer in self.layers:
-            x = layer(x, sp=sp, **attn_kwargs)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False, sp=sp, **attn_kwargs)
+            else:
+                x = layer(x, sp=sp, **attn_kwargs)
         return self.lm_head(self.norm(x))

@@ -1,0 +1,116 @@
+"""The dp x sp mesh (4 gloo ranks), the parallel / zero config groups, and the FLOP count."""
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nsa_dist.config import run_config
+from nsa_dist.distributed import DistributedContext
+from nsa_dist.engine import ZeroConfig, deepspeed_config
+from nsa_dist.layer import NSAConfig
+from nsa_dist.mesh import ParallelConfig, build_mesh
+from nsa_dist.metrics import attention_flops, model_flops_per_sequence
+from nsa_dist.model import ModelConfig
+
+
+@pytest.mark.parametrize("dp,sp,world,expected", [(None, 1, 4, (4, 1)), (None, 2, 4, (2, 2)), (2, 2, 4, (2, 2)),
+                                                  (1, 4, 4, (1, 4)), (None, 1, 1, (1, 1))])
+def test_degrees_multiply_to_the_world(dp, sp, world, expected):
+    assert ParallelConfig(dp=dp, sp=sp).degrees(world) == expected
+
+
+@pytest.mark.parametrize("dp,sp,world,match", [
+    (None, 3, 4, r"parallel\.sp=3 does not fit a job of 4 rank\(s\).*parallel\.sp in \[1, 2, 4\]"),
+    (2, 1, 4, r"parallel\.dp=2 x parallel\.sp=1 does not fit a job of 4"),
+    (3, 2, 4, r"dp x sp must equal the world size"),
+])
+def test_degrees_that_do_not_fit_name_the_fix(dp, sp, world, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig(dp=dp, sp=sp).degrees(world)
+
+
+def test_single_process_mesh_needs_no_group():
+    mesh = build_mesh(ParallelConfig(), DistributedContext())
+    assert (mesh.dp, mesh.sp, mesh.rank, mesh.sequence_parallel) == (1, 1, 0, None)
+    with pytest.raises(ValueError, match="parallel.sp=2 does not fit a job of 1"):
+        build_mesh(ParallelConfig(sp=2), DistributedContext())
+
+
+def _mesh_rank(rank: int, port: int, errors) -> None:
+    try:
+        os.environ.update({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+        ctx = DistributedContext(rank=rank, world_size=4, backend="gloo")
+        mesh = build_mesh(ParallelConfig(sp=2, exchange="ring"), ctx)
+        assert (mesh.dp, mesh.sp, mesh.dp_rank, mesh.sp_rank) == (2, 2, rank // 2, rank % 2)
+        assert mesh.rank == rank
+        # dp-major: an sp group is contiguous ranks, a dp group strides by sp.
+        assert dist.get_process_group_ranks(mesh.sp_group) == [2 * (rank // 2), 2 * (rank // 2) + 1]
+        assert dist.get_process_group_ranks(mesh.dp_group) == [rank % 2, rank % 2 + 2]
+        sp = mesh.sequence_parallel
+        assert (sp.size, sp.rank, sp.exchange) == (2, rank % 2, "ring")
+        dist.destroy_process_group()
+    except BaseException as e:
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+
+
+def test_four_ranks_lay_out_dp_major():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_mesh_rank, args=(port, errors), nprocs=4, start_method="spawn", join=True)
+    assert errors.empty(), errors.get()
+
+
+@pytest.mark.parametrize("option,stage", [("none", None), ("stage1", 1), ("stage2", 2), ("stage3", 3)])
+def test_zero_group_options_compose(compose_config, option, stage):
+    run = run_config(compose_config(f"zero={option}", "parallel.sp=2"))
+    assert run.zero.stage == stage and run.parallel.sp == 2 and run.parallel.dp is None
+
+
+def test_default_is_plain_torch_on_one_replica(compose_config):
+    run = run_config(compose_config())
+    assert run.zero == ZeroConfig() and not run.zero.enabled
+    assert run.parallel == ParallelConfig()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["parallel.sp=16"], r"parallel\.sp=16: .*data\.seq_len=512.*at most P = 8"),
+    (["parallel.exchange=mail"], r"unknown parallel\.exchange='mail'"),
+    (["parallel.sp=0"], r"parallel\.sp must be at least 1"),
+    (["zero.stage=4"], r"zero\.stage=4.*zero=stage1\|stage2\|stage3"),
+    (["zero.offload=true"], r"zero\.offload needs DeepSpeed"),
+    (["trainer.checkpoint_keep=0"], r"trainer\.checkpoint_keep"),
+])
+def test_bad_parallel_and_zero_values_name_the_fix(compose_config, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run_config(compose_config(*overrides))
+
+
+def test_deepspeed_config_shards_stage3_and_offloads():
+    cfg = deepspeed_config(ZeroConfig(stage=3, offload=True), micro_batch_size=2, grad_clip=1.0, bf16=True)
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"] == {"enabled": True} and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_allow_untested_optimizer"] and cfg["train_micro_batch_size_per_gpu"] == 2
+    assert "offload_param" not in deepspeed_config(ZeroConfig(stage=2, offload=True), micro_batch_size=1,
+                                                   grad_clip=0.0, bf16=False)["zero_optimization"]
+
+
+def test_attention_flops_count_the_causal_work():
+    model = ModelConfig(num_heads=4, head_dim=8, num_kv_heads=2)
+    # Window and selection covering the whole sequence: each is dense causal attention, T(T+1)/2 pairs.
+    T = 128
+    nsa = NSAConfig(block_len=16, stride=8, select_size=32, top_n=4, window=T)
+    pairs = T * (T + 1) // 2
+    visible_cmp = sum(max(0, (t + 1 - 16) // 8 + 1) for t in range(T))
+    assert attention_flops(T, model, nsa) == 4 * 8 * (4 * pairs * 2 + 6 * visible_cmp)
+    # DESIGN.md's floor for the paper's config at 64k, HQ=64, D=128: 4.4 + 2.2 + 2.2 + 1.1 ≈ 1e13 forward.
+    paper_shape = ModelConfig(num_heads=64, num_kv_heads=4, head_dim=128)
+    assert attention_flops(65536, paper_shape, NSAConfig()) == pytest.approx(9.9e12, rel=0.02)
+    assert model_flops_per_sequence(T, model, nsa) == 3 * model_flops_per_sequence(T, model, nsa, training=False)

@@ -1,0 +1,72 @@
+"""A rank killed with SIGKILL mid-run; the relaunch resumes from the last checkpoint and continues exactly.
+
+Two ranks started by torch's elastic agent from the CLI (`launcher=torchrun`), DeepSpeed ZeRO-2 on CPU.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+STEPS, EVERY = 24, 4
+RUN = ["launcher=torchrun", "launcher.nproc_per_node=2", "launcher.timeout_s=120", "zero=stage2",
+       "model.num_layers=1", "trainer.batch_size=2", "data.seq_len=256", "trainer.eval_every=0",
+       "trainer.eval_batch_size=2", "trainer.progress_bar=false", "trainer.device=cpu",
+       f"trainer.steps={STEPS}", f"trainer.checkpoint_every={EVERY}"]
+
+
+def launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "nsa_dist.train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_losses(run_dir: Path) -> list[dict]:
+    path = run_dir / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_kill_one_rank_then_relaunch_resumes_from_the_last_checkpoint(tmp_path):
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    code, out = finish(launch(reference_dir))
+    assert code == 0, out[-4000:]
+    reference = {row["step"]: row["loss"] for row in logged_losses(reference_dir)}
+    assert sorted(reference) == list(range(STEPS))
+
+    proc = launch(run_dir)
+    first_checkpoint = run_dir / "checkpoints" / f"step_{EVERY:08d}"
+    deadline = time.monotonic() + 240
+    # Kill mid-interval, a step or two past the checkpoint, so the relaunch has steps to redo.
+    while not (first_checkpoint / "COMPLETE").exists() or len(logged_losses(run_dir)) < EVERY + 2:
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    ranks = json.loads((run_dir / "distributed.json").read_text())["ranks"]
+    os.kill(next(r["pid"] for r in ranks if r["rank"] == 1), signal.SIGKILL)
+    code, out = finish(proc)
+    assert code != 0, "the job should fail when one of its ranks is killed"
+    before = logged_losses(run_dir)
+    completed = before[-1]["step"] + 1
+    assert completed < STEPS, "the kill came too late to test anything"
+
+    code, out = finish(launch(run_dir, "trainer.resume=auto"))
+    assert code == 0, out[-4000:]
+    after = logged_losses(run_dir)[len(before):]
+    resumed_at = after[0]["step"]
+    assert resumed_at % EVERY == 0 and 0 <= completed - resumed_at <= EVERY, \
+        f"{completed} steps were done before the kill, the relaunch started at {resumed_at}"
+    assert [row["step"] for row in after] == list(range(resumed_at, STEPS))
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{resumed_at:08d}'}" in out
+    for row in after:
+        assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-6, abs=1e-7), f"step {row['step']}"
