@@ -207,6 +207,11 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
     checkpointing = _Checkpointing(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
                                    cfg.checkpoint_keep, engine, source, mesh, dist_ctx)
     resume_from = checkpoint_to_resume(cfg.resume, checkpointing.dir)
+    if dist_ctx.is_distributed:
+        # Rank 0 decides: on a shared file system another node may not see the newest checkpoint yet.
+        choice = [resume_from]
+        dist.broadcast_object_list(choice, src=0)
+        resume_from = choice[0]
     start_step = checkpointing.restore(resume_from) if resume_from is not None else 0
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None) \
         if dist_ctx.is_main else distributed.Discard()
@@ -274,6 +279,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                         writer.add_scalar(f"train/{name}", float(step_metrics[name]), step)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
                 eval_metrics = evaluate(engine, eval_batch, autocast, sp)
+                if sp is not None:
+                    sp.pop_stats()  # the comm/* scalars count training steps only
                 for name, value in eval_metrics.items():
                     writer.add_scalar(f"eval/{name}", value, step)
                 log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))

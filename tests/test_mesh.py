@@ -1,18 +1,22 @@
 """The dp x sp mesh (4 gloo ranks), the parallel / zero config groups, and the FLOP count."""
+import copy
 import os
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nsa_dist.config import run_config
 from nsa_dist.distributed import DistributedContext
 from nsa_dist.engine import ZeroConfig, deepspeed_config
-from nsa_dist.layer import NSAConfig
+from nsa_dist.layer import NativeSparseAttention, NSAConfig
 from nsa_dist.mesh import ParallelConfig, build_mesh
 from nsa_dist.metrics import attention_flops, model_flops_per_sequence
-from nsa_dist.model import ModelConfig
+from nsa_dist.model import ModelConfig, NSATransformer
+from nsa_dist.parallel import shard
+from nsa_dist.parallelize import parallelize
 
 
 @pytest.mark.parametrize("dp,sp,world,expected", [(None, 1, 4, (4, 1)), (None, 2, 4, (2, 2)), (2, 2, 4, (2, 2)),
@@ -40,7 +44,8 @@ def test_single_process_mesh_needs_no_group():
 
 def _mesh_rank(rank: int, port: int, errors) -> None:
     try:
-        os.environ.update({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+        os.environ.update({"GLOO_SOCKET_IFNAME": "lo"})
+        torch.set_num_threads(1)  # 4 ranks on a small CI machine
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
         ctx = DistributedContext(rank=rank, world_size=4, backend="gloo")
         mesh = build_mesh(ParallelConfig(sp=2, exchange="ring"), ctx)
@@ -51,6 +56,23 @@ def _mesh_rank(rank: int, port: int, errors) -> None:
         assert dist.get_process_group_ranks(mesh.dp_group) == [rank % 2, rank % 2 + 2]
         sp = mesh.sequence_parallel
         assert (sp.size, sp.rank, sp.exchange) == (2, rank % 2, "ring")
+
+        # parallelize: the same shard logits as passing sp by hand, and the same gradients when checkpointed.
+        torch.manual_seed(0)
+        config, nsa = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16), \
+            NSAConfig(block_len=8, stride=4, select_size=16, top_n=3, window=16)
+        tokens = shard(torch.randint(0, 256, (1, 128)), sp)
+        model = NSATransformer(config, nsa)
+        expected = model(tokens, sp=sp)
+        expected.square().mean().backward()
+        twin = copy.deepcopy(model)
+        twin.zero_grad()
+        parallelize(twin, mesh, activation_checkpointing=True)
+        got = twin(tokens)
+        got.square().mean().backward()
+        assert torch.equal(got, expected) and twin.activation_checkpointing
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
         dist.destroy_process_group()
     except BaseException as e:
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
@@ -100,6 +122,25 @@ def test_deepspeed_config_shards_stage3_and_offloads():
     assert cfg["zero_allow_untested_optimizer"] and cfg["train_micro_batch_size_per_gpu"] == 2
     assert "offload_param" not in deepspeed_config(ZeroConfig(stage=2, offload=True), micro_batch_size=1,
                                                    grad_clip=0.0, bf16=False)["zero_optimization"]
+
+
+def test_parallelize_wraps_the_blocks_of_another_model_and_refuses_one_without_nsa():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = NativeSparseAttention(32, 2, 1, 16, block_len=8, stride=4, select_size=16, top_n=3, window=16)
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    model = torch.nn.Sequential(Block(), Block())
+    x = torch.randn(1, 64, 32)
+    expected = model(x)
+    parallelize(model, None, activation_checkpointing=True)
+    assert all(type(m).__name__ == "CheckpointWrapper" for m in model)
+    assert torch.equal(model(x), expected)
+    with pytest.raises(ValueError, match="no NativeSparseAttention"):
+        parallelize(torch.nn.Linear(2, 2), None)
 
 
 def test_attention_flops_count_the_causal_work():

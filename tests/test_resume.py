@@ -1,6 +1,6 @@
-"""A rank killed with SIGKILL mid-run; the relaunch resumes from the last checkpoint and continues exactly.
-
-Two ranks started by torch's elastic agent from the CLI (`launcher=torchrun`), DeepSpeed ZeRO-2 on CPU.
+"""Resuming continues exactly: the plain torch path in one process, and a rank killed with SIGKILL mid-run
+whose relaunch resumes from the last checkpoint (two ranks started by torch's elastic agent from the CLI,
+`launcher=torchrun`, DeepSpeed ZeRO-2 on CPU).
 """
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("deepspeed")
+from nsa_dist.train import main
 
 STEPS, EVERY = 24, 4
 RUN = ["launcher=torchrun", "launcher.nproc_per_node=2", "launcher.timeout_s=120", "zero=stage2",
@@ -37,7 +37,21 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def test_plain_torch_resume_redraws_the_same_batches(compose_config, tmp_path):
+    steps = ["model.num_layers=1", "trainer.batch_size=2", "data.seq_len=256", "trainer.eval_every=0",
+             "trainer.eval_batch_size=2", "trainer.progress_bar=false", "trainer.device=cpu", "trainer.steps=4"]
+    whole = main(compose_config(*steps, "trainer.checkpoint_every=2"), run_dir=tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_00000002"
+    resumed = main(compose_config(*steps, f"trainer.resume={checkpoint}"), run_dir=tmp_path / "resumed")
+    assert resumed.start_step == 2 and resumed.resumed_from == checkpoint
+    assert resumed.losses == whole.losses[2:]
+    fresh = main(compose_config(*steps, "trainer.resume=never", "trainer.checkpoint_dir="
+                                f"{tmp_path / 'whole' / 'checkpoints'}"), run_dir=tmp_path / "fresh")
+    assert fresh.start_step == 0 and fresh.losses == whole.losses
+
+
 def test_kill_one_rank_then_relaunch_resumes_from_the_last_checkpoint(tmp_path):
+    pytest.importorskip("deepspeed")
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     code, out = finish(launch(reference_dir))
     assert code == 0, out[-4000:]

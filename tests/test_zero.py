@@ -37,7 +37,7 @@ def _rank(rank: int, world_size: int, port: int, runs: list, out_dir: str, error
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+                           "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
         from nsa_dist import distributed
         from nsa_dist.config import run_config
         from nsa_dist.train import train

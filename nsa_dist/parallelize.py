@@ -1,0 +1,50 @@
+"""`parallelize(model, mesh_or_sp)`: a model whose NSA layers run on this rank's sequence shard.
+
+Applied in a fixed order: sequence-parallel attention first (it decides what each layer computes),
+then activation checkpointing (which recomputes whatever the layer became). The optimizer-state
+sharding (ZeRO) comes last, when the engine wraps the returned model (nsa_dist.engine).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+from nsa_dist.layer import NativeSparseAttention
+from nsa_dist.mesh import Mesh
+from nsa_dist.model import NSATransformer
+from nsa_dist.parallel import SequenceParallel
+
+
+def parallelize(model: nn.Module, mesh_or_sp: Mesh | SequenceParallel | None, *,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Make every `NativeSparseAttention` in `model` run sequence-parallel over `mesh_or_sp`, in place.
+
+    The model is then called on shards (`nsa_dist.parallel.shard` of its inputs) without passing `sp`;
+    a call that passes `sp` itself keeps it. With `activation_checkpointing`, each module that directly
+    holds an NSA layer (a decoder block) is recomputed in the backward. Returns `model`.
+    """
+    sp = mesh_or_sp.sequence_parallel if isinstance(mesh_or_sp, Mesh) else mesh_or_sp
+    attention = [(name, m) for name, m in model.named_modules() if isinstance(m, NativeSparseAttention)]
+    if not attention:
+        raise ValueError(f"{type(model).__name__} has no NativeSparseAttention layer to parallelize: build its "
+                         "attention from nsa_dist.NativeSparseAttention")
+    if sp is not None:
+        for _, layer in attention:
+            layer.register_forward_pre_hook(_pass_sequence_parallel(sp), with_kwargs=True)
+    if activation_checkpointing:
+        if isinstance(model, NSATransformer):
+            model.activation_checkpointing = True
+        else:
+            blocks = {id(parent) for parent in model.modules()
+                      if any(isinstance(child, NativeSparseAttention) for child in parent.children())}
+            apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+    return model
+
+
+def _pass_sequence_parallel(sp: SequenceParallel):
+    def hook(module, args, kwargs):
+        if kwargs.get("sp") is None:
+            kwargs = {**kwargs, "sp": sp}
+        return args, kwargs
+
+    return hook
