@@ -28,8 +28,10 @@ def launch(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def logged_losses(run_dir: Path) -> list[dict]:
+    """The complete lines of rank 0's step log (the last one may be mid-write while the run goes on)."""
     path = run_dir / "train_log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
