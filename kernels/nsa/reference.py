@@ -18,8 +18,8 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _query_chunks(T: int, per_query: int):
-    step = max(1, min(T, _CHUNK_ELEMENTS // max(1, per_query)))
+def _query_chunks(T: int, per_query: int, max_step: int | None = None):
+    step = max(1, min(T, _CHUNK_ELEMENTS // max(1, per_query), max_step or T))
     for s in range(0, T, step):
         yield s, min(T, s + step)
 
@@ -199,8 +199,8 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
                          f"{int(g_first.min())} on, but k covers [{k_offset}, {k_offset + Tk}); pass the preceding "
                          f"window-1 keys (the halo) and set k_offset")
     outs = []
-    step = min(T, max(64, window))  # a chunk of about one window keeps the key band ~2 windows wide
-    for s, e in _query_chunks(T, max(HQ * (window + 1), _CHUNK_ELEMENTS // step)):
+    # a chunk of about one window keeps the key band about two windows wide
+    for s, e in _query_chunks(T, HQ * (window + 1), max_step=max(64, window)):
         lo = max(0, q_offset + s - window + 1 - k_offset)
         hi = min(Tk, q_offset + e - k_offset)
         qc = qf[:, s:e].unflatten(2, (H, G))
