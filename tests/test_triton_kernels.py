@@ -124,6 +124,26 @@ else:
         assert out.dtype == torch.int32 and out.shape == ref.shape
         assert torch.equal(out, ref)
 
+    @pytest.mark.parametrize("B,T,HQ,H,l,d,sel,top_n,q_offset,cu,scratch", [
+        (2, 150, 4, 2, 8, 4, 8, 5, 3, None, 2 * 2 * 32 * 4 * 8),       # query chunks of 8, batch 2
+        (1, 150, 8, 2, 16, 8, 16, 4, 0, torch.tensor([0, 37, 38, 150]), 2 * 16 * 4 * 16),  # chunks x documents
+        (3, 100, 2, 2, 8, 8, 8, 20, 0, None, None),                      # top_n > blocks of a segment
+    ])
+    def test_select_blocks_ties_and_query_chunks(B, T, HQ, H, l, d, sel, top_n, q_offset, cu, scratch, monkeypatch):
+        """Identical compressed keys make every interior block score the same: the lower block id must
+        win each tie, as in the reference; a small scratch budget forces several query chunks."""
+        from nsa_dist.kernels.nsa import triton_ops
+        if scratch:
+            monkeypatch.setattr(triton_ops, "_SELECT_SCRATCH", scratch)
+        torch.manual_seed(T + top_n)
+        Tc = n_compressed(T, q_offset, cu, l, d)
+        q, k = torch.randn(B, T, HQ, 16), torch.randn(B, Tc, H, 16)
+        k[:] = k[:, :1]
+        _, lse = api.compressed_attention(q, k, k, block_len=l, stride=d, q_offset=q_offset, cu_seqlens=cu)
+        kw = dict(block_len=l, stride=d, select_size=sel, top_n=top_n, q_offset=q_offset, cu_seqlens=cu)
+        assert torch.equal(api.select_blocks(q, k, lse, backend="triton", **kw),
+                           api.select_blocks(q, k, lse, backend="torch", **kw))
+
     def causal_block_ids(B, T, H, n, sel, q_offset, cu, seed, first=0):
         """Random distinct causal block ids >= first per (query, head), ascending, -1 last."""
         g = torch.Generator().manual_seed(seed)

@@ -5,8 +5,9 @@ Four algorithms, each one kernel family with compile-time flags (README.md, "Tri
 - `_dense_*`: FlashAttention-style tiles over a per-query interval of visible keys `[lo_t, hi_t)`
   computed on the host from positions; serves the compressed branch and the sliding window.
   Rows of a tile are (query, head) pairs of one KV group, so the group shares each K/V load.
-- `_select_kernel`: block importance (Eq. 8-10) over chunks of compressed tokens and a running
-  top-n in registers; no `[T, T/d]` score matrix reaches HBM.
+- `_block_score_kernel` + `_top_n_kernel`: block importance (Eq. 8-10) over chunks of compressed
+  tokens into a bounded buffer of per-block scores, then an exact sort-free top-n by a binary
+  search over the scores' bits; no `[T, T/d]` score matrix reaches HBM.
 - `_sel_*`: selected-block attention over the union of the block lists of a few neighbouring
   queries (all G heads of each), so small groups still fill a 16-row MMA tile.
 - `_sel_dkdv_kernel` + `_sel_reduce_kernel`: backward of K/V per selected block from a
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import compressed_layout, token_layout
+from .layout import compressed_layout, num_compressed, token_layout
 
 _LOG2E = 1.4426950408889634
 _POS_KEY = 1 << 40  # separates documents in the (document, position) sort keys
@@ -389,18 +390,21 @@ def window_attention(q, k, v, *, window, scale, q_offset=0, k_offset=0, cu_seqle
 
 
 @triton.jit
-def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, D: tl.constexpr,
-                   block_len: tl.constexpr, stride: tl.constexpr, select_size: tl.constexpr,
-                   num_init: tl.constexpr, num_local: tl.constexpr, top_n: tl.constexpr, R: tl.constexpr,
-                   EXTRA: tl.constexpr, STEP: tl.constexpr, BT: tl.constexpr, GPAD: tl.constexpr, BC: tl.constexpr, BNB: tl.constexpr,
-                   BD: tl.constexpr):
-    """Top-n blocks for BT queries of one document and one KV head, all G heads summed.
+def _block_score_kernel(Q, KC, LSE, SCORES, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, tile0, row0, QC, NBW,
+                        D: tl.constexpr, block_len: tl.constexpr, stride: tl.constexpr,
+                        select_size: tl.constexpr, num_init: tl.constexpr, num_local: tl.constexpr, R: tl.constexpr,
+                        EXTRA: tl.constexpr, STEP: tl.constexpr, BT: tl.constexpr, GPAD: tl.constexpr,
+                        BC: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr):
+    """Eq. 8-10 for BT queries of one document and one KV head: the group-summed importance of
+    every selection block up to the tile's last query, written to SCORES[b, query - row0, h, block]
+    (row width NBW); the forced blocks (initial, local) score +inf.
 
     Compressed tokens come in chunks of BC starting EXTRA tokens before the chunk's first block,
     so every token that overlaps one of the chunk's STEP blocks is in the chunk; the Eq. 9 weights
-    are a [BC, BNB] matrix from the overlap formula and the mapping is one more MMA.
+    are a [BC, BNB] matrix from the overlap formula, applied after the group sum. The loop has no
+    data-dependent branch: choosing the top n is `_top_n_kernel`'s job.
     """
-    pid = tl.program_id(0)
+    pid = tile0 + tl.program_id(0)
     h = tl.program_id(1)
     bb = tl.program_id(2)
     t_start = tl.load(TILES + pid * 5)
@@ -420,15 +424,11 @@ def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, 
     pos_r = q_offset + t - doc_start
     tq = t_start + tl.arange(0, BT)
     q_in = tq < t_end
-    pos_q = q_offset + tq - doc_start
-    q_blk = pos_q // select_size
-    max_pos = q_offset + t_end - 1 - doc_start
-    n_chunks = tl.cdiv(max_pos // select_size + 1, STEP)
-    slot = tl.arange(0, BNB)
-    run = tl.zeros([BT, BNB], tl.int64) + (slot.to(tl.int64) - (1 << 62))[None, :]  # distinct, below any key
-    removed = -(1 << 62) - (1 << 61)
+    q_blk = (q_offset + tq - doc_start) // select_size
+    n_chunks = tl.cdiv((q_offset + t_end - 1 - doc_start) // select_size + 1, STEP)
     jj = tl.arange(0, BNB)
     ci = tl.arange(0, BC)
+    out = ((bb * QC + tq - row0) * H + h).to(tl.int64) * NBW
     for c in range(0, n_chunks):
         j0 = c * STEP
         i = j0 * R - EXTRA + ci
@@ -442,31 +442,81 @@ def _select_kernel(Q, KC, LSE, IDX, TILES, qk_scale, T, Tc, HQ, H, G, q_offset, 
         ov = tl.minimum(i[:, None] * stride + block_len, (j[None, :] + 1) * select_size) - \
             tl.maximum(i[:, None] * stride, j[None, :] * select_size)
         w = tl.where((ov > 0) & (jj[None, :] < STEP), ov.to(tl.float32) / stride, 0.0)
-        bs = tl.dot(p, w, input_precision="tf32x3")  # fp32-accurate: near-ties decide the selection
-        bs = tl.sum(tl.reshape(bs, [BT, GPAD, BNB]), 1)  # Eq. 10: the group's sum
-        bs = tl.where(bs > 0.0, bs, 0.0)
-        tie = (2147483647 - j).to(tl.int64)  # equal scores: the lower block id ranks higher
-        key = bs.to(tl.int32, bitcast=True).to(tl.int64) * 4294967296 + tie[None, :]
+        p = tl.sum(tl.reshape(p, [BT, GPAD, BC]), 1)  # Eq. 10 before Eq. 9: both are linear
+        if BT >= 16:
+            bs = tl.dot(p, w, input_precision="tf32x3")  # fp32-accurate: near-ties decide the selection
+        else:  # too few rows for an MMA: [BT, BC, BNB] products in fp32 registers
+            bs = tl.sum(p[:, :, None] * w[None, :, :], 1)
+        bs = tl.where(bs > 0.0, bs, 0.0)  # +0.0, never -0.0: the top-n compares bit patterns
         forced = (j[None, :] < num_init) | ((q_blk[:, None] - j[None, :] >= 0) & (q_blk[:, None] - j[None, :] < num_local))
-        key = tl.where(forced, 0x7F800000 * 4294967296 + tie[None, :], key)
-        key = tl.where(j[None, :] * select_size <= pos_q[:, None], key, -1 - j[None, :].to(tl.int64))
-        key = tl.where(jj[None, :] < STEP, key, removed)
-        # `run` holds a row's best keys so far, sorted descending; merge only when a key beats its n-th best
-        nth = tl.min(tl.where(slot[None, :] < top_n, run, 1 << 62), 1)
-        if tl.max(tl.sum((key > nth[:, None]).to(tl.int32), 1), 0) > 0:
-            both = tl.sort(tl.reshape(tl.join(run, key), [BT, 2 * BNB]), 1, descending=True)
-            run, _ = tl.split(tl.permute(tl.reshape(both, [BT, 2, BNB]), (0, 2, 1)))
-    ids = (2147483647 - (run % 4294967296)).to(tl.int32)
-    ids = tl.where((run >= 0) & (slot[None, :] < top_n), ids, 2147483647)
-    ids = tl.sort(ids, 1)
-    ids = tl.where(ids == 2147483647, -1, ids)
-    out = ((bb * T + tq).to(tl.int64) * H + h) * top_n
-    tl.store(IDX + out[:, None] + slot[None, :], ids, mask=q_in[:, None] & (slot[None, :] < top_n))
+        bs = tl.where(forced, float("inf"), bs)
+        tl.store(SCORES + out[:, None] + j[None, :], bs, mask=q_in[:, None] & (jj[None, :] < STEP) & (j[None, :] < NBW))
 
 
-def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, device):
-    """Query tiles that never straddle a document: (start, end, doc start, first k_cmp token, count)."""
-    from .layout import num_compressed
+@triton.jit
+def _top_n_kernel(SC, IDS_IN, NBQ, IDS_OUT, SC_OUT, n_rows, NQ, H, QC, nseg, width, out_T, row0,
+                  top_n: tl.constexpr, W: tl.constexpr, RB: tl.constexpr, NP: tl.constexpr,
+                  CANDIDATES_IN: tl.constexpr, CANDIDATES_OUT: tl.constexpr):
+    """The top_n entries of each of RB rows of block scores (higher score first, equal scores to the
+    lower block id), written in ascending block order with -1 in the empty slots.
+
+    Exact and sort-free: block scores are non-negative floats (+inf for forced blocks), whose bit
+    patterns order like their values, so a 31-step binary search over the bits finds each row's
+    n-th largest score; the blocks above it are taken, and of those equal to it the first ones in
+    block order. Rows either hold one segment of W scores of a query's blocks (ids implicit, the
+    row's causal blocks counted by NBQ) or, with CANDIDATES_IN, the (score, id) candidates that
+    per-segment calls wrote (CANDIDATES_OUT) for a row longer than one segment; invalid entries
+    carry score -1. Rows are (batch, query of the chunk, head[, segment]); the chunk's first NQ
+    of its QC query slots are real.
+    """
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    qi = (r // (H * nseg)) % QC
+    r_in = (r < n_rows) & (qi < NQ)
+    cols = tl.arange(0, W)
+    if CANDIDATES_IN:
+        cin = r_in[:, None] & (cols[None, :] < width)
+        at = r[:, None].to(tl.int64) * width + cols[None, :]
+        x = tl.load(SC + at, mask=cin, other=-1.0)
+        ids = tl.load(IDS_IN + at, mask=cin, other=-1)
+    else:
+        seg = r % nseg
+        nb = tl.load(NBQ + qi, mask=r_in, other=0)
+        ncol = tl.minimum(tl.maximum(nb - seg * W, 0), W)
+        x = tl.load(SC + r[:, None].to(tl.int64) * W + cols[None, :], mask=cols[None, :] < ncol[:, None], other=-1.0)
+        ids = seg[:, None] * W + cols[None, :]
+    bits = x.to(tl.int32, bitcast=True)
+    valid = bits >= 0
+    n_valid = tl.sum(valid.to(tl.int32), 1)
+    lo = tl.zeros([RB], tl.int32)  # count(bits >= lo) >= top_n whenever the row has top_n valid entries
+    hi = tl.full([RB], 0x7F800001, tl.int32)  # count(bits >= hi) == 0: above +inf
+    for _ in range(31):  # hi - lo < 2^31 halves to 1
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid[:, None]).to(tl.int32), 1) >= top_n
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo[:, None]
+    tied = bits == lo[:, None]
+    need = top_n - tl.sum(above.to(tl.int32), 1)
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need[:, None]))
+    take = tl.where(n_valid[:, None] <= top_n, valid, take) & r_in[:, None]
+    n_take = tl.sum(take.to(tl.int32), 1)
+    if CANDIDATES_OUT:
+        out = r.to(tl.int64) * top_n
+    else:  # rows are (batch, query of the chunk, head); idx is [B, out_T, H, top_n]
+        out = (((r // (H * QC)) * out_T + row0 + qi) * H + r % H).to(tl.int64) * top_n
+    slot = tl.cumsum(take.to(tl.int32), 1) - 1
+    tl.store(IDS_OUT + out[:, None] + slot, ids, mask=take)
+    s = tl.arange(0, NP)
+    empty = (s[None, :] >= n_take[:, None]) & (s[None, :] < top_n) & r_in[:, None]
+    tl.store(IDS_OUT + out[:, None] + s[None, :], tl.full([RB, NP], -1, tl.int32), mask=empty)
+    if CANDIDATES_OUT:
+        tl.store(SC_OUT + out[:, None] + slot, x, mask=take)
+        tl.store(SC_OUT + out[:, None] + s[None, :], tl.full([RB, NP], -1.0, tl.float32), mask=empty)
+
+
+def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT):
+    """Query tiles that never straddle a document, on the host: rows of (start, end, doc start,
+    first k_cmp token, count), and each tile's number of causal selection blocks."""
     if cu_seqlens is None:
         docs = [(0, q_offset + T, 0, Tc)]
     else:
@@ -476,11 +526,30 @@ def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, device):
             n = num_compressed(b - a, block_len, stride)
             docs.append((a, b, c0, n))
             c0 += n
-    rows = []
+    parts = []
     for a, b, c0, n in docs:
         lo, hi = max(a, q_offset) - q_offset, min(b, q_offset + T) - q_offset
-        rows += [(s, min(s + BT, hi), a, c0, n) for s in range(lo, hi, BT)]
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
+        if hi > lo:
+            s = torch.arange(lo, hi, BT, dtype=torch.int64)
+            parts.append(torch.stack([s, (s + BT).clamp(max=hi), torch.full_like(s, a), torch.full_like(s, c0),
+                                      torch.full_like(s, n)], 1))
+    return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.int64)
+
+
+def _select_config(R: int, EXTRA: int, top_n: int, G: int):
+    """(queries per tile, chunk of compressed tokens, num_warps, num_stages) of the scoring kernel."""
+    if _interpreting():
+        rows, BC, warps, stages = 16, 16, 4, 1
+    else:  # H200, 64k, paper config: 64 rows, 4 warps 15.0 ms; 128 rows, 8 warps 23.8; 128-token chunks 16.9
+        rows, BC, warps, stages = 64, (64 if R > 1 else 32), 4, 2
+        tuned = os.environ.get("NSA_TRITON_SELECT")  # "rows,chunk,warps,stages": for tuning runs
+        if tuned:
+            rows, BC, warps, stages = (int(x) for x in tuned.split(","))
+    return max(1, rows // _p2(G)), max(BC, _p2(R + EXTRA)), warps, stages
+
+
+_TOPN_SEGMENT = 1024  # blocks one top-n row holds in registers; longer rows go through per-segment candidates
+_SELECT_SCRATCH = 256 << 20  # bytes of block scores held at once; the query axis is chunked to fit
 
 
 @torch.no_grad()
@@ -489,7 +558,9 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     """Top-n selection blocks per (query, KV head): idx `[B, T, H, top_n]` int32, ascending, -1 last.
 
     q `[B, T, HQ, D]`, k_cmp `[B, Tc, H, D]`, lse `[B, T, HQ]` (from compressed_attention).
-    Not differentiable. Ties go to the lower block id, as the reference's stable sort.
+    Not differentiable. Ties go to the lower block id, as the reference's stable sort. Block scores
+    of a chunk of queries (`[B, chunk, H, blocks]` fp32, at most `_SELECT_SCRATCH` bytes) are the
+    only intermediate: nothing of size `[T, T/stride]` is ever written.
     """
     q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.float().contiguous()
     B, T, HQ, D = q.shape
@@ -501,21 +572,61 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     GPAD = _p2(G)
     R = select_size // stride
     EXTRA = (block_len - 1) // stride  # tokens starting before a block that still overlap it
-    BC = 16 if _interpreting() else (64 if R > 1 else 32)  # R = 1: 64 blocks a chunk would spill the keys
-    BC = max(BC, _p2(R + EXTRA))
+    BT, BC, warps, stages = _select_config(R, EXTRA, top_n, G)
     STEP = (BC - EXTRA) // R
-    BNB = max(16, _p2(STEP), _p2(top_n))  # chunk width = width of the running top-n
-    rows, warps = (16, 4) if _interpreting() else (128, 8)
-    tuned = os.environ.get("NSA_TRITON_SELECT")  # "rows,warps": for tuning runs
-    if tuned and not _interpreting():
-        rows, warps = (int(x) for x in tuned.split(","))
-    BT = max(1, rows // GPAD)
-    tiles = _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT, q.device)
-    _select_kernel[(tiles.shape[0], H, B)](
-        q, k_cmp, lse, idx, tiles, scale * _LOG2E, T, Tc, HQ, H, G, q_offset, D, block_len, stride,
-        select_size, num_init, num_local, top_n, R, EXTRA, STEP,
-        BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, BD=_p2(max(D, 16)), num_warps=warps, num_stages=2)
+    BNB = max(16, _p2(STEP))
+    seg = 8 if _interpreting() else _TOPN_SEGMENT  # small in the interpreter, so tiny tests cross segments
+    tiles = _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT)
+    tile_blocks = (q_offset + tiles[:, 1] - 1 - tiles[:, 2]) // select_size + 1
+    nb_q = (token_layout(q_offset, T, cu_seqlens, q.device).pos // select_size + 1).to(torch.int32)
+    widest = int(tile_blocks.max())
+    nseg = 1 if widest <= seg else triton.cdiv(widest, seg)
+    NBW = _p2(max(widest, 16)) if nseg == 1 else nseg * seg
+    QC = min(T, max(BT, _SELECT_SCRATCH // (B * H * NBW * 4) // BT * BT))  # query slots of a chunk
+    scores = torch.empty((B, QC, H, NBW), dtype=torch.float32, device=q.device)
+    cand = None
+    if nseg > 1:
+        cand = (torch.empty((B * QC * H * nseg, top_n), dtype=torch.int32, device=q.device),
+                torch.empty((B * QC * H * nseg, top_n), dtype=torch.float32, device=q.device))
+    tiles_dev = tiles.to(device=q.device, dtype=torch.int32)
+    ends = tiles[:, 1].contiguous()
+    t0 = 0
+    while t0 < tiles.shape[0]:  # query chunks of at most QC queries, split at tile edges
+        row0 = int(tiles[t0, 0])
+        t1 = max(t0 + 1, int(torch.searchsorted(ends, torch.tensor(row0 + QC), right=True)))
+        _block_score_kernel[(t1 - t0, H, B)](
+            q, k_cmp, lse, scores, tiles_dev, scale * _LOG2E, T, Tc, HQ, H, G, q_offset, t0, row0, QC, NBW, D,
+            block_len, stride, select_size, num_init, num_local, R, EXTRA, STEP,
+            BT=BT, GPAD=GPAD, BC=BC, BNB=BNB, BD=_p2(max(D, 16)), num_warps=warps, num_stages=stages)
+        _top_n_rows(scores, nb_q[row0:], idx, int(ends[t1 - 1]) - row0, H, QC, nseg, seg, row0, top_n, cand)
+        t0 = t1
     return idx
+
+
+def _top_n_rows(scores, nb_q, idx, NQ, H, QC, nseg, seg, row0, top_n, cand):
+    """Top-n of the score rows of a chunk's first NQ queries into idx (rows from `row0`): directly,
+    or, for rows longer than one segment, top-n per segment into `cand` and then top-n of those."""
+    B, T = idx.shape[0], idx.shape[1]
+    n_rows, NP = B * QC * H, _p2(top_n)
+    common = dict(top_n=top_n, NP=NP, num_warps=4)
+    if nseg == 1:
+        W = scores.shape[-1]
+        RB = max(1, 4096 // W)
+        _top_n_kernel[(triton.cdiv(n_rows, RB),)](
+            scores, scores, nb_q, idx, scores, n_rows, NQ, H, QC, 1, W, T, row0, W=W, RB=RB,
+            CANDIDATES_IN=False, CANDIDATES_OUT=False, **common)
+        return
+    cand_ids, cand_sc = cand
+    RB = max(1, 4096 // seg)
+    _top_n_kernel[(triton.cdiv(n_rows * nseg, RB),)](
+        scores, scores, nb_q, cand_ids, cand_sc, n_rows * nseg, NQ, H, QC, nseg, seg, T, row0, W=seg, RB=RB,
+        CANDIDATES_IN=False, CANDIDATES_OUT=True, **common)
+    width = nseg * top_n
+    W = _p2(width)
+    RB = max(1, 4096 // W)
+    _top_n_kernel[(triton.cdiv(n_rows, RB),)](
+        cand_sc, cand_ids, nb_q, idx, cand_sc, n_rows, NQ, H, QC, 1, width, T, row0, W=W, RB=RB,
+        CANDIDATES_IN=True, CANDIDATES_OUT=False, **common)
 
 
 @triton.jit

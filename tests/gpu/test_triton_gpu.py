@@ -68,7 +68,7 @@ def test_window_attention(T, HQ, H, with_grad):
             assert rel(a, b) < TOL
 
 
-@pytest.mark.parametrize("T,HQ,H", [(65536, 16, 1), (8192, 4, 4)])
+@pytest.mark.parametrize("T,HQ,H", [(65536, 16, 1), (131072, 16, 1), (8192, 4, 4)])  # 128k: two top-n segments
 def test_select_blocks(T, HQ, H):
     """Same lse into both; bf16 products summed in another order can flip a near-tie, so allow a
     tiny fraction of rows to differ, and only where the reference's own scores nearly tie."""
