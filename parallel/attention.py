@@ -8,14 +8,13 @@ says where its chunk sits (`q_offset`, `k_offset`, global `seq_len` and `cu_seql
 """
 from __future__ import annotations
 
-import inspect
 import zlib
 from dataclasses import dataclass
 
 import torch
 
-from nsa_dist.kernels import compressed_attention, select_blocks, selection_attention, window_attention
-from nsa_dist.kernels.nsa import api as kernel_api
+from nsa_dist.kernels import (compressed_attention, gated_sum, select_blocks, selection_attention,
+                              window_attention)
 from nsa_dist.kernels.nsa.reference import sort_block_ids
 
 from .collectives import all_gather_ints
@@ -125,7 +124,6 @@ def sequence_parallel_nsa(q, kv_sets, gates, *, compress_k, compress_v, config, 
     if sp.exchange != "all_gather":
         xplan = plan_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=cu_seqlens)
     if xplan is not None and sp.exchange == "ring" and not xplan.fall_back:
-        _require_selection_lse(c.backend, q.device)
         o_slc = ring_selection_attention(q_chunks, idx, chunk_starts, kv_slc, xplan, sp, slc_widths, config, pos)
     else:
         (k_buf, v_buf), xplan = exchange_selected_blocks(kv_slc, idx, sp, select_size=c.select_size,
@@ -137,14 +135,12 @@ def sequence_parallel_nsa(q, kv_sets, gates, *, compress_k, compress_v, config, 
     outs = []
     for j, (qj, start) in enumerate(zip(q_chunks, chunk_starts)):
         rows = slice(j * C, (j + 1) * C)
-        o = gates[0][:, rows].unsqueeze(-1) * o_cmp[j]
-        o = o + gates[1][:, rows].unsqueeze(-1) * o_slc[j]
+        branches = [o_cmp[j], o_slc[j]]
         if c.window:
             parts, lo = extended[j]
             k_w, v_w = (parts[0], parts[1]) if shared else (parts[2], parts[3])
-            o_win = window_attention(qj, k_w, v_w, window=c.window, q_offset=start, k_offset=lo, **pos)
-            o = o + gates[2][:, rows].unsqueeze(-1) * o_win
-        outs.append(o)
+            branches.append(window_attention(qj, k_w, v_w, window=c.window, q_offset=start, k_offset=lo, **pos))
+        outs.append(gated_sum(branches, [g[:, rows] for g in gates[:len(branches)]], backend=c.backend))
     sp.stats.append(ExchangeStats(mode="all_gather" if gathered else sp.exchange, fell_back=xplan.fall_back,
                                   exchange_bytes=xplan.exchange_bytes, halo_bytes=halo_bytes,
                                   compressed_bytes=cmp_bytes, allgather_bytes=xplan.allgather_bytes,
@@ -175,15 +171,6 @@ def ring_selection_attention(q_chunks, idx, chunk_starts, kv, plan, sp: Sequence
             partial[j].append(selection_attention(qj, k_buf, v_buf, now, select_size=c.select_size, q_offset=start,
                                                   k_offset=0, return_lse=True, **pos))
     return [merge_partial_attention(p) for p in partial]
-
-
-def _require_selection_lse(backend: str, device):
-    """Fail before the ring posts anything (a rank failing mid-ring would leave its peers waiting)."""
-    fn = kernel_api._impl(backend, device, "selection_attention")
-    if "return_lse" not in inspect.signature(fn).parameters:
-        raise NotImplementedError(f"exchange='ring' merges partial selected attentions by their lse, which the "
-                                  f"{backend!r} backend's selection_attention does not return yet; use "
-                                  "exchange='all_to_all' (same blocks, one collective) or backend='torch'")
 
 
 def merge_partial_attention(parts):

@@ -169,12 +169,15 @@ else:
         first = -(-k_offset // sel)  # a shard may only select blocks that lie in its keys
         idx = causal_block_ids(B, T, H, n, sel, q_offset, cu, seed=T + n, first=first)
         kw = dict(select_size=sel, q_offset=q_offset, k_offset=k_offset, cu_seqlens=cu)
-        o_ref = api.selection_attention(q, k, v, idx, backend="torch", **kw)
-        o = api.selection_attention(q, k, v, idx, backend="triton", **kw)
+        o_ref, lse_ref = api.selection_attention(q, k, v, idx, backend="torch", return_lse=True, **kw)
+        o, lse = api.selection_attention(q, k, v, idx, backend="triton", return_lse=True, **kw)
         assert rel(o, o_ref) < TOL
-        w = torch.randn_like(o_ref)
-        for a, b in zip(grads(o, (q, k, v), w), grads(o_ref, (q, k, v), w)):
+        check_lse(lse, lse_ref)
+        w, wl = torch.randn_like(o_ref), torch.randn_like(lse_ref)
+        for a, b in zip(grads(o, (q, k, v), w, (lse, wl)), grads(o_ref, (q, k, v), w, (lse_ref, wl))):
             assert rel(a, b) < TOL
+        o_only = api.selection_attention(q, k, v, idx, backend="triton", **kw)
+        assert torch.equal(o_only, o)
 
     def test_nsa_attention_end_to_end_and_deterministic():
         torch.manual_seed(3)
@@ -200,6 +203,18 @@ else:
             assert rel(a, b) < TOL, name
         for a, b in zip(g, runs[1][2]):  # no atomics: bitwise the same on a second run
             assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("branches", [2, 3])
+    def test_gated_sum(branches):
+        torch.manual_seed(branches)
+        outs = [torch.randn(2, 37, 6, 24, requires_grad=True) for _ in range(branches)]
+        gates = [torch.rand(2, 37, 6, requires_grad=True) for _ in range(branches)]
+        o_ref = api.gated_sum(outs, gates, backend="torch")
+        o = api.gated_sum(outs, gates, backend="triton")
+        assert rel(o, o_ref) < TOL
+        w = torch.randn_like(o_ref)
+        for a, b in zip(grads(o, outs + gates, w), grads(o_ref, outs + gates, w)):
+            assert rel(a, b) < TOL
 
     def test_half_precision_inputs():
         # fp16 here: Triton 3.9's interpreter computes bf16 tl.dot wrongly (a 16x16 bf16 product comes

@@ -2,6 +2,7 @@
 from .api import (
     BACKENDS,
     compressed_attention,
+    gated_sum,
     nsa_attention,
     select_blocks,
     selection_attention,
@@ -14,6 +15,7 @@ __all__ = [
     "compressed_attention",
     "compressed_cu_seqlens",
     "compression_blocks",
+    "gated_sum",
     "nsa_attention",
     "num_compressed",
     "select_blocks",

@@ -16,7 +16,6 @@ B == 1) packs documents; `seq_len` is the length of the whole sequence the slice
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -187,12 +186,8 @@ def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | N
         raise ValueError(f"idx must be an integer tensor [B, T, H, top_n] = [{q.shape[0]}, {q.shape[1]}, "
                          f"{k.shape[2]}, n], got {tuple(idx.shape)} {idx.dtype}")
     fn = _impl(backend, q.device, "selection_attention")
-    extra = {"return_lse": True} if return_lse else {}  # only passed when asked: backends may not have it yet
-    if return_lse and "return_lse" not in inspect.signature(fn).parameters:
-        raise NotImplementedError("selection_attention(return_lse=True) is not in this backend yet; use "
-                                  "backend='torch' (or, for sequence parallelism, exchange='all_to_all')")
     return fn(q, k, v, idx, select_size=select_size, scale=_scale(scale, q), q_offset=q_offset, k_offset=k_offset,
-              cu_seqlens=cu_seqlens, **extra)
+              cu_seqlens=cu_seqlens, return_lse=return_lse)
 
 
 def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, q_offset: int = 0,
@@ -234,9 +229,28 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len: int 
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_len=block_len, stride=stride, **pos)
     idx = select_blocks(q, k_cmp, lse, block_len=block_len, stride=stride, select_size=select_size, top_n=top_n,
                         num_init=num_init, num_local=num_local, **pos)
-    o = g_cmp.unsqueeze(-1) * o_cmp
-    o = o + g_slc.unsqueeze(-1) * selection_attention(q, k_slc, v_slc, idx, select_size=select_size,
-                                                      k_offset=k_offset, **pos)
+    outs = [o_cmp, selection_attention(q, k_slc, v_slc, idx, select_size=select_size, k_offset=k_offset, **pos)]
+    gates = [g_cmp, g_slc]
     if window:
-        o = o + g_win.unsqueeze(-1) * window_attention(q, k_win, v_win, window=window, k_offset=k_offset, **pos)
+        outs.append(window_attention(q, k_win, v_win, window=window, k_offset=k_offset, **pos))
+        gates.append(g_win)
+    o = gated_sum(outs, gates, backend=backend)
     return (o, idx) if return_idx else o
+
+
+def gated_sum(outputs, gates, *, backend: str = "torch"):
+    """`o = sum_b gates[b] * outputs[b]`: the branches' outputs `[B, T, HQ, Dv]` weighted by their gates
+    `[B, T, HQ]` (two or three branches, same shapes and dtype)."""
+    if len(outputs) != len(gates) or len(outputs) not in (2, 3):
+        raise ValueError(f"gated_sum takes two or three (output, gate) pairs, got {len(outputs)} outputs and "
+                         f"{len(gates)} gates")
+    for o, g in zip(outputs, gates):
+        if o.shape != outputs[0].shape or g.shape != o.shape[:3] or o.dtype != outputs[0].dtype:
+            raise ValueError(f"gated_sum: outputs must share one shape and dtype, gates be [B, T, HQ]; got "
+                             f"{[tuple(x.shape) for x in outputs]} and {[tuple(x.shape) for x in gates]}")
+    if _resolve_backend(backend, outputs[0].device) == "triton" and _triton_ops() is not None:
+        return _triton_ops().gated_sum(outputs, gates)
+    o = gates[0].unsqueeze(-1) * outputs[0]
+    for out, g in zip(outputs[1:], gates[1:]):
+        o = o + g.unsqueeze(-1) * out
+    return o

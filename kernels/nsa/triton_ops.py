@@ -241,6 +241,33 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
                  mask=kin[:, None] & (offs_dv[None, :] < DV))
 
 
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DELTA, n_rows, DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):
+    """delta = rowsum(o * do) - dlse in fp32, straight from the half-precision tensors."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BDV)
+    r_in = r < n_rows
+    at = r[:, None].to(tl.int64) * DV + c[None, :]
+    m = r_in[:, None] & (c[None, :] < DV)
+    d = tl.sum(tl.load(O + at, mask=m, other=0.0).to(tl.float32) * tl.load(DO + at, mask=m, other=0.0).to(tl.float32), 1)
+    if HAS_DLSE:  # d lse / d s = p, so a gradient on lse shifts delta
+        d -= tl.load(DLSE + r, mask=r_in, other=0.0)
+    tl.store(DELTA + r, d, mask=r_in)
+
+
+def _delta(o, do, dlse):
+    """`(o * do).sum(-1) - dlse` as fp32 `[B, T, HQ]`, without fp32 copies of o and do."""
+    B, T, HQ, DV = o.shape
+    delta = torch.empty((B, T, HQ), dtype=torch.float32, device=o.device)
+    n, BDV = B * T * HQ, _p2(max(DV, 16))
+    BR = max(1, 4096 // BDV)
+    if n:
+        _delta_kernel[(triton.cdiv(n, BR),)](o, do, dlse.float().contiguous() if dlse is not None else o, delta, n,
+                                            DV, BR=BR, BDV=BDV, HAS_DLSE=dlse is not None, num_warps=4)
+    return delta
+
+
 def _dense_config(kind: str, G: int, D: int, DV: int):
     """(rows per tile, keys per tile, num_warps, num_stages) for one kernel of the dense family."""
     GP = min(_p2(G), 16)
@@ -281,9 +308,7 @@ def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale, span):
     Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # (B, T, HQ)
-    if dlse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
-        delta = delta - dlse.float()
+    delta = _delta(o, do, dlse)  # (B, T, HQ)
     dq = torch.full_like(q, float("nan"))
     dk = torch.full_like(k, float("nan"))
     dv = torch.full_like(v, float("nan"))
@@ -896,10 +921,10 @@ class _SelectionAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
                               plan["ulimit"], plan["ublk"], plan["qpos"], plan["estart"], plan["elimit"],
                               plan["eblk"])
-        return o
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse, ru, ulist, ucnt, ustart, ulimit, ublk, qpos, estart, elimit, eblk = ctx.saved_tensors
         meta = ctx.meta
         plan = dict(ru=ru, ulist=ulist, ucnt=ucnt, ustart=ustart, ulimit=ulimit, ublk=ublk, qpos=qpos,
@@ -908,8 +933,8 @@ class _SelectionAttention(torch.autograd.Function):
         B, T, HQ, D = q.shape
         Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
         G = HQ // H
-        do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        delta = _delta(o, do, dlse)
         dq = torch.full_like(q, float("nan"))
         dk = torch.full_like(k, float("nan"))
         dv = torch.full_like(v, float("nan"))
@@ -949,11 +974,103 @@ def _launch_sel(q, k, v, do, lse, delta, out, lse_out, plan, meta, dq_pass):
         BDV=_p2(max(DV, 16)), DQ_PASS=dq_pass, num_warps=meta["warps"], num_stages=meta["stages"])
 
 
-def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offset=0, cu_seqlens=None):
+def selection_attention(q, k, v, idx, *, select_size, scale, q_offset=0, k_offset=0, cu_seqlens=None,
+                        return_lse=False):
     """Attention over the keys of each query's selected blocks, causal inside a block.
 
     q `[B, T, HQ, D]`, k `[B, Tk, H, D]`, v `[B, Tk, H, Dv]`, idx `[B, T, H, n]` (block ids of the
-    query's document, -1 = empty) -> o `[B, T, HQ, Dv]`. Keys of a selected block that lie outside
-    the k passed in are skipped (the reference raises instead; checking would cost a host sync).
+    query's document, -1 = empty) -> o `[B, T, HQ, Dv]`, and with `return_lse` also lse
+    `[B, T, HQ]` fp32 (differentiable; -inf for a query with no key). Keys of a selected block that
+    lie outside the k passed in are skipped (the reference raises instead; checking would cost a
+    host sync).
     """
-    return _SelectionAttention.apply(q, k, v, idx, select_size, scale, q_offset, k_offset, cu_seqlens)
+    o, lse = _SelectionAttention.apply(q, k, v, idx, select_size, scale, q_offset, k_offset, cu_seqlens)
+    return (o, lse) if return_lse else o
+
+
+@triton.jit
+def _gated_sum_fwd_kernel(O1, O2, O3, G1, G2, G3, OUT, n_rows, DV: tl.constexpr, THREE: tl.constexpr,
+                          BR: tl.constexpr, BDV: tl.constexpr):
+    """out = g1 * o1 + g2 * o2 (+ g3 * o3) per row, in fp32 with one rounding at the end."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BDV)
+    r_in = r < n_rows
+    at = r[:, None].to(tl.int64) * DV + c[None, :]
+    m = r_in[:, None] & (c[None, :] < DV)
+    acc = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)[:, None] * tl.load(O1 + at, mask=m, other=0.0).to(tl.float32)
+    acc += tl.load(G2 + r, mask=r_in, other=0.0).to(tl.float32)[:, None] * tl.load(O2 + at, mask=m, other=0.0).to(tl.float32)
+    if THREE:
+        acc += tl.load(G3 + r, mask=r_in, other=0.0).to(tl.float32)[:, None] * tl.load(O3 + at, mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + at, acc.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_sum_branch_grad(DO, O, G, DOB, DG, r, r_in, at, m):
+    """d o_b = g_b * d out and d g_b = rowsum(d out * o_b) for one branch."""
+    g = tl.load(G + r, mask=r_in, other=0.0).to(tl.float32)
+    tl.store(DOB + at, (g[:, None] * DO).to(DOB.dtype.element_ty), mask=m)
+    tl.store(DG + r, tl.sum(DO * tl.load(O + at, mask=m, other=0.0).to(tl.float32), 1).to(DG.dtype.element_ty),
+             mask=r_in)
+
+
+@triton.jit
+def _gated_sum_bwd_kernel(DOUT, O1, O2, O3, G1, G2, G3, DO1, DO2, DO3, DG1, DG2, DG3, n_rows, DV: tl.constexpr,
+                          THREE: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BDV)
+    r_in = r < n_rows
+    at = r[:, None].to(tl.int64) * DV + c[None, :]
+    m = r_in[:, None] & (c[None, :] < DV)
+    do = tl.load(DOUT + at, mask=m, other=0.0).to(tl.float32)
+    _gated_sum_branch_grad(do, O1, G1, DO1, DG1, r, r_in, at, m)
+    _gated_sum_branch_grad(do, O2, G2, DO2, DG2, r, r_in, at, m)
+    if THREE:
+        _gated_sum_branch_grad(do, O3, G3, DO3, DG3, r, r_in, at, m)
+
+
+class _GatedSum(torch.autograd.Function):
+    """`sum_b g_b * o_b` over two or three branches: one pass forward, one backward, no temporaries."""
+
+    @staticmethod
+    def forward(ctx, o1, o2, o3, g1, g2, g3):
+        outs = [x.contiguous() for x in (o1, o2, o3) if x is not None]
+        gates = [x.contiguous() for x in (g1, g2, g3) if x is not None]
+        dtype = outs[0].dtype
+        for x in outs[1:] + gates:
+            dtype = torch.promote_types(dtype, x.dtype)  # as the eager `g[..., None] * o` would give
+        out = torch.empty(outs[0].shape, dtype=dtype, device=outs[0].device)
+        B, T, HQ, DV = out.shape
+        n, BDV, three = B * T * HQ, _p2(max(DV, 16)), len(outs) == 3
+        BR = max(1, 4096 // BDV)
+        pad = lambda xs: xs + [xs[0]] * (3 - len(xs))  # noqa: E731 -- the kernel ignores a missing third
+        if n:
+            _gated_sum_fwd_kernel[(triton.cdiv(n, BR),)](*pad(outs), *pad(gates), out, n, DV, THREE=three, BR=BR,
+                                                        BDV=BDV, num_warps=4)
+        ctx.save_for_backward(*outs, *gates)
+        ctx.three = three
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        nb = 3 if ctx.three else 2
+        outs, gates = list(saved[:nb]), list(saved[nb:])
+        dout = dout.contiguous()
+        d_outs = [torch.empty_like(o) for o in outs]
+        d_gates = [torch.empty_like(g) for g in gates]
+        B, T, HQ, DV = dout.shape
+        n, BDV = B * T * HQ, _p2(max(DV, 16))
+        BR = max(1, 4096 // BDV)
+        pad = lambda xs: xs + [xs[0]] * (3 - len(xs))  # noqa: E731
+        if n:
+            _gated_sum_bwd_kernel[(triton.cdiv(n, BR),)](dout, *pad(outs), *pad(gates), *pad(d_outs), *pad(d_gates), n,
+                                                        DV, THREE=ctx.three, BR=BR, BDV=BDV, num_warps=4)
+        d_outs += [None] * (3 - nb)
+        d_gates += [None] * (3 - nb)
+        return (*d_outs, *d_gates)
+
+
+def gated_sum(outputs, gates):
+    """`sum_b gates[b][..., None] * outputs[b]` for two or three branches `[B, T, HQ, Dv]`, gates `[B, T, HQ]`."""
+    o3, g3 = (outputs[2], gates[2]) if len(outputs) == 3 else (None, None)
+    return _GatedSum.apply(outputs[0], outputs[1], o3, gates[0], gates[1], g3)

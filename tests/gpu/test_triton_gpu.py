@@ -102,16 +102,17 @@ def test_selection_attention(T, HQ, H, with_grad):
     q, k, v = randn(1, T, HQ, 128, grad=with_grad), randn(1, T, H, 128, grad=with_grad), \
         randn(1, T, H, 128, grad=with_grad)
     idx = causal_block_ids(T, H, 16, 64, seed=T + HQ)
-    o_ref = api().selection_attention(q, k, v, idx, select_size=64, backend="torch")
-    o = api().selection_attention(q, k, v, idx, select_size=64, backend="triton")
+    o_ref, lse_ref = api().selection_attention(q, k, v, idx, select_size=64, backend="torch", return_lse=True)
+    o, lse = api().selection_attention(q, k, v, idx, select_size=64, backend="triton", return_lse=True)
     assert rel(o, o_ref) < TOL
+    assert rel(lse, lse_ref) < 1e-3
     if with_grad:
-        w = torch.randn_like(o_ref.float())
-        g = grads(o, (q, k, v), w)
-        for a, b in zip(g, grads(o_ref, (q, k, v), w)):
+        w, wl = torch.randn_like(o_ref.float()), torch.randn_like(lse_ref)
+        g = torch.autograd.grad((o.float() * w).sum() + (lse * wl).sum(), (q, k, v))
+        for a, b in zip(g, torch.autograd.grad((o_ref.float() * w).sum() + (lse_ref * wl).sum(), (q, k, v))):
             assert rel(a, b) < TOL
-        for a, b in zip(g, grads(api().selection_attention(q, k, v, idx, select_size=64, backend="triton"),
-                                 (q, k, v), w)):
+        o, lse = api().selection_attention(q, k, v, idx, select_size=64, backend="triton", return_lse=True)
+        for a, b in zip(g, torch.autograd.grad((o.float() * w).sum() + (lse * wl).sum(), (q, k, v))):
             assert torch.equal(a, b), "backward must be deterministic"
 
 
