@@ -115,11 +115,11 @@ def parts_cases(T, device):
 
 
 TUNE = {  # env knob of triton_ops -> candidate settings; the first is the default
-    "NSA_TRITON_DENSE_DKDV": ["32,128,8,2", "32,64,8,2", "64,64,8,2", "64,128,8,2"],
+    "NSA_TRITON_DENSE_DKDV": ["32,128,8,2", "64,128,8,2", "32,128,4,3", "64,64,4,2"],
     "NSA_TRITON_DENSE_DQ": ["64,64,4,2", "128,32,8,2", "128,64,8,2"],
     "NSA_TRITON_DENSE_FWD": ["128,64,8,3", "128,64,8,2", "128,128,8,2"],
-    "NSA_TRITON_SELECT": ["128,8", "64,4", "128,4"],
-    "NSA_TRITON_SEL": ["4,2", "4,3", "8,2"],
+    "NSA_TRITON_SELECT": ["128,64,8,2", "64,64,4,2", "128,128,8,2", "128,64,8,3", "256,64,8,2", "64,128,4,2"],
+    "NSA_TRITON_SEL": ["4,2,16", "4,3,16", "4,2,32", "8,2,32"],
 }
 
 

@@ -128,6 +128,19 @@ def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D
 
 
 @triton.jit
+def _backward_rows(Q, DO, LSE, DELTA, row, valid, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+                   BDV: tl.constexpr):
+    """q, do, lse in base 2 (+inf where nothing was visible, so p = 0) and delta of a tile's rows."""
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + row, mask=valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return q, do, lse2, tl.load(DELTA + row, mask=valid, other=0.0)
+
+
+@triton.jit
 def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D: tl.constexpr, DV: tl.constexpr,
                     BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BN)
@@ -159,14 +172,8 @@ def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk
     h, t, g, valid = _row_layout(pid_t, pid_hg, T, G, NGC, BT, GP)
     hq = h * G + g
     offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
     row = (bb * T + t).to(tl.int64) * HQ + hq
-    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
-                 other=0.0)
-    lse = tl.load(LSE + row, mask=valid, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
     lo = tl.load(LO + t, mask=valid, other=0)
     hi = tl.load(HI + t, mask=valid, other=0)
     a, b1, b2, e = _tile_ranges(lo, hi, valid, Tk, BN)
@@ -182,13 +189,39 @@ def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk
 
 
 @triton.jit
+def _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, start, end, T, Tk, HQ, G,
+                      D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
+                      BDV: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV of one key tile from the query tiles [start, end); MASKED=False where every row sees every key."""
+    r = tl.arange(0, BT * GP)
+    hq = h * G + g
+    for t0 in range(start, end, BT):
+        t = t0 + r // GP
+        valid = (t < T) & (g < G)
+        q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, (bb * T + t).to(tl.int64) * HQ + hq, valid, D, DV, BD,
+                                            BDV)
+        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        if MASKED:
+            lo = tl.load(LO + t, mask=valid, other=Tk)
+            hi = tl.load(HI + t, mask=valid, other=0)
+            pT = tl.where((kj[:, None] >= lo[None, :]) & (kj[:, None] < hi[None, :]), pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk)  # padded rows: q = do = 0, no effect
+    return dk, dv
+
+
+@triton.jit
 def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk_scale, scale, T, Tk, HQ, H, G,
                        NGC, QS, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
                        BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PARTIAL: tl.constexpr):
     """One program per (key tile, KV head, split of QS queries): sums over the G heads and the
     split's queries that see the tile. PARTIAL: write fp32 partials [split, B, Tk, H, D] that the
     host sums in split order (the early compressed keys are seen by nearly every query, so one
-    program per key tile would serialise the whole sequence)."""
+    program per key tile would serialise the whole sequence).
+
+    The queries that see every key of the tile form one range, `[QLO[last key], QHI[first key])`
+    (lo and hi grow with the query); its whole row tiles skip the mask arithmetic."""
     pid_k = tl.program_id(0)
     h = tl.program_id(1) % H
     split = tl.program_id(1) // H
@@ -204,32 +237,21 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
     t_hi = tl.max(tl.load(QHI + kj, mask=kin, other=0), 0)
     t_lo = tl.maximum((t_lo // BT) * BT, split * QS)
     t_hi = tl.minimum(t_hi, split * QS + QS)
+    all_from = tl.load(QLO + tl.minimum(pid_k * BN + BN, Tk) - 1)  # first query that sees the tile's last key
+    all_to = tl.load(QHI + pid_k * BN)  # one past the last query that sees its first key
+    m1 = tl.minimum(t_lo + tl.cdiv(tl.maximum(all_from - t_lo, 0), BT) * BT, t_hi)
+    m2 = tl.maximum(tl.minimum(t_lo + tl.maximum(all_to - t_lo, 0) // BT * BT, t_hi), m1)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     r = tl.arange(0, BT * GP)
     for gc in range(0, NGC):
         g = gc * GP + r % GP
-        hq = h * G + g
-        for t0 in range(t_lo, t_hi, BT):
-            t = t0 + r // GP
-            valid = (t < T) & (g < G)
-            row = (bb * T + t).to(tl.int64) * HQ + hq
-            q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
-            do = tl.load(DO + row[:, None] * DV + offs_dv[None, :],
-                         mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + row, mask=valid, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + row, mask=valid, other=0.0)
-            lo = tl.load(LO + t, mask=valid, other=Tk)
-            hi = tl.load(HI + t, mask=valid, other=0)
-            see = (kj[:, None] >= lo[None, :]) & (kj[:, None] < hi[None, :])
-            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-            pT = tl.where(see, pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, t_lo, m1, T, Tk,
+                                   HQ, G, D, DV, BT, GP, BD, BDV, True)
+        dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, m1, m2, T, Tk,
+                                   HQ, G, D, DV, BT, GP, BD, BDV, False)
+        dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, m2, t_hi, T, Tk,
+                                   HQ, G, D, DV, BT, GP, BD, BDV, True)
     if PARTIAL:
         prow = ((split * tl.num_programs(2) + bb) * Tk + kj).to(tl.int64) * H + h
         tl.store(DK + prow[:, None] * BD + offs_d[None, :], dk * scale, mask=kin[:, None])
@@ -689,7 +711,6 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
     row = (bb * T + t).to(tl.int64) * HQ + h * G + g
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
     pos = tl.load(QPOS + t, mask=valid, other=0)
     cols = tl.arange(0, NP)
     ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
@@ -698,13 +719,10 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
     cnt = tl.load(UCNT + lst)
     kv = bb.to(tl.int64) * Tk * H + h
     if DQ_PASS:
-        do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
-                     other=0.0)
-        lse = tl.load(LSE + row, mask=valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
         dq = tl.zeros([BT * GPAD, BD], tl.float32)
     else:
+        q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
         m = tl.full([BT * GPAD], float("-inf"), tl.float32)
         l = tl.zeros([BT * GPAD], tl.float32)
         acc = tl.zeros([BT * GPAD, BDV], tl.float32)
@@ -773,12 +791,7 @@ def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM
                      mask=valid[:, None] & (cols[None, :] < n), other=-1)
         member = tl.sum((ru == u).to(tl.int32), 1) > 0
         pos = tl.load(QPOS + t, mask=valid, other=0)
-        q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV),
-                     other=0.0)
-        lse = tl.load(LSE + row, mask=valid, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
         see = k_in[:, None] & member[None, :] & (kpos[:, None] <= pos[None, :])
         pT = tl.where(see, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
@@ -819,14 +832,14 @@ def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk
 def _sel_config(G: int):
     """(queries per tile, num_warps, num_stages, query tiles per dK/dV work item)."""
     GPAD = _p2(G)
-    BT = max(1, 16 // GPAD)  # at least 16 rows: the smallest MMA tile
+    rows = 16  # at least 16 rows: the smallest MMA tile
     if _interpreting():
-        return BT, 4, 1, 3
-    warps, stages = 4 if BT * GPAD <= 16 else 8, 2
-    tuned = os.environ.get("NSA_TRITON_SEL")  # "warps,stages": for tuning runs
+        return max(1, rows // GPAD), 4, 1, 3
+    warps, stages = 4, 2
+    tuned = os.environ.get("NSA_TRITON_SEL")  # "warps,stages,rows": for tuning runs
     if tuned:
-        warps, stages = (int(x) for x in tuned.split(","))
-    return BT, warps, stages, 256
+        warps, stages, rows = (int(x) for x in tuned.split(","))
+    return max(1, rows // GPAD), warps, stages, 256
 
 
 def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
