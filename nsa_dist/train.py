@@ -254,8 +254,13 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             tokens_per_s = tokens_per_step / step_s
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if dist_ctx.is_main:
+                record = {"step": step, "loss": losses[-1], "lr": lr, "step_s": round(step_s, 4),
+                          "tokens_per_s": round(tokens_per_s, 1),
+                          "peak_memory_gib": round(metrics.peak_memory_bytes(device) / 2**30, 3)}
+                if peak_flops:
+                    record["mfu"] = round(flops_per_step / step_s / dist_ctx.world_size / peak_flops, 4)
                 with step_log.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr}) + "\n")
+                    f.write(json.dumps(record) + "\n")
             phases = timer.pop()
             exchanged = metrics.exchange_totals(sp.pop_stats()) if sp is not None else None
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
