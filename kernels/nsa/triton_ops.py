@@ -563,7 +563,7 @@ def _top_n_kernel(SC, IDS_IN, NBQ, IDS_OUT, SC_OUT, n_rows, NQ, H, QC, nseg, wid
 
 def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT):
     """Query tiles that never straddle a document, on the host: rows of (start, end, doc start,
-    first k_cmp token, count), and each tile's number of causal selection blocks."""
+    first k_cmp token of the document, its number of compressed tokens)."""
     if cu_seqlens is None:
         docs = [(0, q_offset + T, 0, Tc)]
     else:
@@ -583,7 +583,7 @@ def _select_tiles(T, q_offset, Tc, block_len, stride, cu_seqlens, BT):
     return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.int64)
 
 
-def _select_config(R: int, EXTRA: int, top_n: int, G: int):
+def _select_config(R: int, EXTRA: int, G: int):
     """(queries per tile, chunk of compressed tokens, num_warps, num_stages) of the scoring kernel."""
     if _interpreting():
         rows, BC, warps, stages = 16, 16, 4, 1
@@ -619,7 +619,7 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     GPAD = _p2(G)
     R = select_size // stride
     EXTRA = (block_len - 1) // stride  # tokens starting before a block that still overlap it
-    BT, BC, warps, stages = _select_config(R, EXTRA, top_n, G)
+    BT, BC, warps, stages = _select_config(R, EXTRA, G)
     STEP = (BC - EXTRA) // R
     BNB = max(16, _p2(STEP))
     seg = 8 if _interpreting() else _TOPN_SEGMENT  # small in the interpreter, so tiny tests cross segments
