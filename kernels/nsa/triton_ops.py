@@ -1041,6 +1041,11 @@ def _gated_sum_bwd_kernel(DOUT, O1, O2, O3, G1, G2, G3, DO1, DO2, DO3, DG1, DG2,
         _gated_sum_branch_grad(do, O3, G3, DO3, DG3, r, r_in, at, m)
 
 
+def _three(xs):
+    """Two or three tensors as three kernel arguments (a missing third is never read: THREE=False)."""
+    return xs + [xs[0]] * (3 - len(xs))
+
+
 class _GatedSum(torch.autograd.Function):
     """`sum_b g_b * o_b` over two or three branches: one pass forward, one backward, no temporaries."""
 
@@ -1055,9 +1060,8 @@ class _GatedSum(torch.autograd.Function):
         B, T, HQ, DV = out.shape
         n, BDV, three = B * T * HQ, _p2(max(DV, 16)), len(outs) == 3
         BR = max(1, 4096 // BDV)
-        pad = lambda xs: xs + [xs[0]] * (3 - len(xs))  # noqa: E731 -- the kernel ignores a missing third
         if n:
-            _gated_sum_fwd_kernel[(triton.cdiv(n, BR),)](*pad(outs), *pad(gates), out, n, DV, THREE=three, BR=BR,
+            _gated_sum_fwd_kernel[(triton.cdiv(n, BR),)](*_three(outs), *_three(gates), out, n, DV, THREE=three, BR=BR,
                                                         BDV=BDV, num_warps=4)
         ctx.save_for_backward(*outs, *gates)
         ctx.three = three
@@ -1074,10 +1078,10 @@ class _GatedSum(torch.autograd.Function):
         B, T, HQ, DV = dout.shape
         n, BDV = B * T * HQ, _p2(max(DV, 16))
         BR = max(1, 4096 // BDV)
-        pad = lambda xs: xs + [xs[0]] * (3 - len(xs))  # noqa: E731
         if n:
-            _gated_sum_bwd_kernel[(triton.cdiv(n, BR),)](dout, *pad(outs), *pad(gates), *pad(d_outs), *pad(d_gates), n,
-                                                        DV, THREE=ctx.three, BR=BR, BDV=BDV, num_warps=4)
+            _gated_sum_bwd_kernel[(triton.cdiv(n, BR),)](dout, *_three(outs), *_three(gates), *_three(d_outs),
+                                                        *_three(d_gates), n, DV, THREE=ctx.three, BR=BR, BDV=BDV,
+                                                        num_warps=4)
         d_outs += [None] * (3 - nb)
         d_gates += [None] * (3 - nb)
         return (*d_outs, *d_gates)
