@@ -10,6 +10,7 @@ import torch
 
 from nsa_dist.kernels import (
     compressed_attention,
+    gated_sum,
     nsa_attention,
     select_blocks,
     selection_attention,
@@ -325,6 +326,8 @@ BAD = [
     (lambda q, k, v: select_blocks(q, k[:, :9], torch.zeros(1, 40, 4), block_len=8, stride=4, select_size=16,
                                    top_n=2), "num_init \\+ num_local"),
     (lambda q, k, v: compressed_attention(q, k[:, :3], v[:, :3], block_len=8, stride=4), "compressed tokens"),
+    (lambda q, k, v: gated_sum([q], [q[..., 0]]), "two or three"),
+    (lambda q, k, v: gated_sum([q, q], [q[..., 0], q[:, :5, :, 0]]), "gates be \\[B, T, HQ\\]"),
 ]
 
 
