@@ -11,6 +11,7 @@ Rows (B = 1, D = 128, bf16, causal; median ms of `triton.testing.do_bench`, fwd 
   nsa_fla    nsa_dist in fla's configuration: l = d = l' = 64, n=16, window 0
   paper_g4 / cudnn_g4   HQ=16, H=4 (G=4);   paper_g1 / cudnn_g1   HQ=4, H=4 (G=1)
   parts      nsa_dist's ops one at a time in the paper configuration (where the time goes)
+  --profile  GPU time per kernel of the paper layer's fwd+bwd (torch.profiler), per iteration
 nsa_dist's compression is mean pooling of the K/V blocks *inside* the timed region (a strided
 view and a mean: memory-bound and small next to attention), so its gradient reaches k and v.
 Anything that fails (out of memory, a missing package) is recorded as "skipped: reason".
@@ -115,11 +116,14 @@ def parts_cases(T, device):
 
 
 TUNE = {  # env knob of triton_ops -> candidate settings; the first is the default
-    "NSA_TRITON_DENSE_DKDV": ["32,128,8,2", "64,128,8,2", "32,128,4,3", "64,64,4,2"],
-    "NSA_TRITON_DENSE_DQ": ["64,64,4,2", "128,32,8,2", "128,64,8,2"],
-    "NSA_TRITON_DENSE_FWD": ["128,64,8,3", "128,64,8,2", "128,128,8,2"],
-    "NSA_TRITON_SELECT": ["128,64,8,2", "64,64,4,2", "128,128,8,2", "128,64,8,3", "256,64,8,2", "64,128,4,2"],
-    "NSA_TRITON_SEL": ["4,2,16", "4,3,16", "4,2,32", "8,2,32"],
+    "NSA_TRITON_DENSE_DKDV": ["64,64,4,2,rows", "64,64,4,3,rows", "64,32,4,2,rows", "64,128,8,2,rows",
+                              "64,64,8,2,rows", "32,128,8,2,keys"],
+    "NSA_TRITON_DENSE_DQ": ["64,64,4,2", "64,64,4,3", "64,128,4,2", "128,64,8,2"],
+    "NSA_TRITON_DENSE_FWD": ["128,64,8,3", "64,64,4,2", "64,64,4,3", "64,128,4,2", "128,128,8,2"],
+    "NSA_TRITON_SELECT": ["64,64,4,2", "64,64,4,3", "128,64,8,2", "128,64,4,2"],
+    "NSA_TRITON_TOPN": ["1024,4", "2048,4", "4096,4", "512,4"],
+    "NSA_TRITON_SEL": ["4,3,16", "4,2,16"],
+    "NSA_TRITON_SEL_DKDV": ["32,4,2", "16,4,2", "64,8,2", "32,4,3"],
 }
 
 
@@ -129,6 +133,7 @@ def tune(T, args, device):
     parts = parts_cases(T, device)
     ops = {"NSA_TRITON_DENSE_DKDV": ("compressed", "window"), "NSA_TRITON_DENSE_DQ": ("compressed", "window"),
            "NSA_TRITON_DENSE_FWD": ("compressed", "window"), "NSA_TRITON_SELECT": ("select",),
+           "NSA_TRITON_TOPN": ("select",), "NSA_TRITON_SEL_DKDV": ("selection",),
            "NSA_TRITON_SEL": ("selection",)}
     for knob, values in TUNE.items():
         if args.tune_knobs and knob[11:] not in args.tune_knobs.split(","):
@@ -146,6 +151,47 @@ def tune(T, args, device):
                 print(table(out[-1:]).splitlines()[-1], flush=True)
         os.environ.pop(knob)
     return out
+
+
+def profile_kernels(T, args, device, iters=5):
+    """GPU time per kernel (ms per fwd+bwd of the paper layer), from torch.profiler's CUDA events:
+    which kernel of which op takes the time. Rows `profile:<kernel>`, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fwd, leaves = nsa_case(T, 64, 4, PAPER, device)
+    do = torch.randn_like(fwd())
+    for _ in range(2):  # compile and warm up outside the trace
+        fwd().backward(do)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the first call that makes the host wait for the GPU raises
+    try:
+        fwd().backward(do)
+        sync = "none"
+    except RuntimeError as e:
+        import traceback
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "nsa_dist" in f.filename or "kernels" in f.filename]
+        sync = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"first host sync of a fwd+bwd at T={T // 1024}k: {sync}")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for x in leaves:
+                x.grad = None
+            fwd().backward(do)
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.count:
+            per_kernel[e.key] = (us / 1e3 / iters, e.count // iters)
+    total = sum(ms for ms, _ in per_kernel.values())
+    rows = [dict(row=f"profile:{name[:60]}", T=T, kernel_ms=ms, launches=n, share=ms / total)
+            for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])]
+    print(f"kernel time per paper-layer fwd+bwd at T={T // 1024}k: {total:.2f} ms")
+    for r in rows:
+        print(f"  {r['row'][8:]:<62}{r['kernel_ms']:>9.3f} ms {r['launches']:>5}x {100 * r['share']:>5.1f}%")
+    rows.append(dict(row="profile:first host sync", T=T, note=sync))
+    return rows
 
 
 def measure(fwd, leaves, args):
@@ -201,8 +247,10 @@ def table(results):
     lines = [f"{'row':<40}{'T':>7}{'fwd ms':>11}{'fwd+bwd ms':>13}  note"]
     for r in results:
         f = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
-        lines.append(f"{r['row']:<40}{r['T'] // 1024:>6}k{f(r.get('fwd_ms')):>11}{f(r.get('fwdbwd_ms')):>13}  "
-                     f"{r.get('note', '')}")
+        note = r.get("note", "")
+        if "kernel_ms" in r:
+            note = f"{r['kernel_ms']:.3f} ms per fwd+bwd, {r['launches']} launches"
+        lines.append(f"{r['row']:<40}{r['T'] // 1024:>6}k{f(r.get('fwd_ms')):>11}{f(r.get('fwdbwd_ms')):>13}  {note}")
     return "\n".join(lines)
 
 
@@ -214,6 +262,7 @@ def main():
     p.add_argument("--parts-T", default="64k", help="lengths for the per-op breakdown")
     p.add_argument("--groups", action="store_true", help="also run paper_g4, cudnn_g4, paper_g1, cudnn_g1")
     p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
+    p.add_argument("--profile", default=None, help="per-kernel GPU time of the paper layer at these lengths")
     p.add_argument("--tune", default=None, help="time the kernels' tile-size candidates at this length, e.g. 64k")
     p.add_argument("--tune-knobs", default=None, help="only these knobs, e.g. SELECT,DENSE_DKDV")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
@@ -240,6 +289,9 @@ def main():
     results, t0 = [], time.time()
     if args.tune:
         results += tune(parse_T(args.tune)[0], args, device)
+    for T in parse_T(args.profile or ""):
+        results += profile_kernels(T, args, device)
+        torch.cuda.empty_cache()
     for row, T in plan:
         if time.time() - t0 > args.budget_s:
             results.append(dict(row=row, T=T, note="skipped: time budget"))
