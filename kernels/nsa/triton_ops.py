@@ -191,8 +191,11 @@ def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk
 @triton.jit
 def _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, start, end, T, Tk, HQ, G,
                       D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
-                      BDV: tl.constexpr, MASKED: tl.constexpr):
-    """dK, dV of one key tile from the query tiles [start, end); MASKED=False where every row sees every key."""
+                      BDV: tl.constexpr, MASKED: tl.constexpr, ROWS_MAJOR: tl.constexpr):
+    """dK, dV of one key tile from the query tiles [start, end); MASKED=False where every row sees every key.
+
+    ROWS_MAJOR computes p as [rows, keys] (the row tile is the MMA's M side and k, v stay operands
+    read from shared memory); otherwise as [keys, rows] (the key tile is M, k and v sit in registers)."""
     r = tl.arange(0, BT * GP)
     hq = h * G + g
     for t0 in range(start, end, BT):
@@ -200,21 +203,32 @@ def _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb,
         valid = (t < T) & (g < G)
         q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, (bb * T + t).to(tl.int64) * HQ + hq, valid, D, DV, BD,
                                             BDV)
-        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-        if MASKED:
-            lo = tl.load(LO + t, mask=valid, other=Tk)
-            hi = tl.load(HI + t, mask=valid, other=0)
-            pT = tl.where((kj[:, None] >= lo[None, :]) & (kj[:, None] < hi[None, :]), pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dpT = tl.dot(v, tl.trans(do))
-        dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk)  # padded rows: q = do = 0, no effect
+        if ROWS_MAJOR:
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            if MASKED:
+                lo = tl.load(LO + t, mask=valid, other=Tk)
+                hi = tl.load(HI + t, mask=valid, other=0)
+                p = tl.where((kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None]), p, 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+            dp = tl.dot(do, tl.trans(v))
+            dk = tl.dot(tl.trans((p * (dp - delta[:, None])).to(q.dtype)), q, dk)  # padded rows: q = do = 0
+        else:
+            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            if MASKED:
+                lo = tl.load(LO + t, mask=valid, other=Tk)
+                hi = tl.load(HI + t, mask=valid, other=0)
+                pT = tl.where((kj[:, None] >= lo[None, :]) & (kj[:, None] < hi[None, :]), pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))
+            dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk)  # padded rows: q = do = 0, no effect
     return dk, dv
 
 
 @triton.jit
 def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk_scale, scale, T, Tk, HQ, H, G,
-                       NGC, QS, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
-                       BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PARTIAL: tl.constexpr):
+                       NGC: tl.constexpr, QS, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
+                       BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PARTIAL: tl.constexpr,
+                       ROWS_MAJOR: tl.constexpr):
     """One program per (key tile, KV head, split of QS queries): sums over the G heads and the
     split's queries that see the tile. PARTIAL: write fp32 partials [split, B, Tk, H, D] that the
     host sums in split order (the early compressed keys are seen by nearly every query, so one
@@ -244,14 +258,14 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     r = tl.arange(0, BT * GP)
-    for gc in range(0, NGC):
+    for gc in tl.static_range(0, NGC):  # head chunks (G > 16 only): unrolled, so one loop nest per chunk
         g = gc * GP + r % GP
         dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, t_lo, m1, T, Tk,
-                                   HQ, G, D, DV, BT, GP, BD, BDV, True)
+                                   HQ, G, D, DV, BT, GP, BD, BDV, True, ROWS_MAJOR)
         dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, m1, m2, T, Tk,
-                                   HQ, G, D, DV, BT, GP, BD, BDV, False)
+                                   HQ, G, D, DV, BT, GP, BD, BDV, False, ROWS_MAJOR)
         dk, dv = _dense_dkdv_inner(dk, dv, k, v, kj, Q, DO, LSE, DELTA, LO, HI, qk_scale, bb, h, g, m2, t_hi, T, Tk,
-                                   HQ, G, D, DV, BT, GP, BD, BDV, True)
+                                   HQ, G, D, DV, BT, GP, BD, BDV, True, ROWS_MAJOR)
     if PARTIAL:
         prow = ((split * tl.num_programs(2) + bb) * Tk + kj).to(tl.int64) * H + h
         tl.store(DK + prow[:, None] * BD + offs_d[None, :], dk * scale, mask=kin[:, None])
@@ -299,13 +313,23 @@ def _dense_config(kind: str, G: int, D: int, DV: int):
         rows, bn, warps, stages = (128, 64, 8, 3) if max(D, DV) <= 128 else (64, 32, 8, 2)
     elif kind == "dq":
         rows, bn, warps, stages = (64, 64, 4, 2) if max(D, DV) <= 128 else (64, 32, 8, 1)
-    else:  # H200, 64k, paper config: 128-key tiles took dK/dV of the compressed branch from 85 to 50 ms
-        rows, bn, warps, stages = (32, 128, 8, 2) if max(D, DV) <= 128 else (16, 32, 8, 1)
+    else:  # H200, 64k, paper config, fwd+bwd of the compressed / window branch: 32 x 128 keys-major (8 warps)
+        # 48.9 / 18.2 ms, 64 x 64 rows-major (4 warps) 43.7 / 15.8, 128 x 64 rows-major 48.5 / 16.8
+        rows, bn, warps, stages = (64, 64, 4, 2) if max(D, DV) <= 128 else (16, 32, 8, 1)
     tuned = os.environ.get(f"NSA_TRITON_DENSE_{kind.upper()}")  # "rows,keys,warps,stages": for tuning runs
     if tuned and not _interpreting():
-        rows, bn, warps, stages = (int(x) for x in tuned.split(","))
+        rows, bn, warps, stages = (int(x) for x in tuned.split(",")[:4])
     rows = max(rows, GP)
     return GP, rows // GP, bn, warps, stages
+
+
+def _dkdv_rows_major(D: int, DV: int) -> bool:
+    """The form of the dK/dV loop (see `_dense_dkdv_inner`): rows-major up to head dim 128; a fifth
+    field "rows" or "keys" of NSA_TRITON_DENSE_DKDV picks it for tuning runs."""
+    tuned = os.environ.get("NSA_TRITON_DENSE_DKDV", "").split(",")
+    if len(tuned) > 4 and not _interpreting():
+        return tuned[4] == "rows"
+    return max(D, DV) <= 128
 
 
 def _dense_forward(q, k, v, lo, hi, scale):
@@ -358,7 +382,8 @@ def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale, span):
         _dense_dkdv_kernel[(triton.cdiv(Tk, BN), H * n_split, B)](
             q, k, v, do, lse, delta, pdk if partial else dk, pdv if partial else dv, lo, hi, qlo, qhi,
             scale * _LOG2E, scale, T, Tk, HQ, H, G, NGC, QS, D, DV,
-            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, PARTIAL=partial, num_warps=warps, num_stages=stages)
+            BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, PARTIAL=partial, ROWS_MAJOR=_dkdv_rows_major(D, DV),
+            num_warps=warps, num_stages=stages)
         if partial:  # a fixed-order sum over the splits: deterministic
             dk.copy_(pdk.sum(0)[..., :D])
             dv.copy_(pdv.sum(0)[..., :DV])
