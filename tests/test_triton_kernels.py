@@ -125,6 +125,8 @@ else:
         (1, 191, 32, 2, 16, 32, 16, 64, 3, 1, 2, 0, None),  # G = 16, the paper's l, d, l'
         (1, 191, 4, 1, 16, 16, 16, 16, 6, 0, 1, 0, None),   # l = d = l', no initial block
         (1, 67, 2, 1, 16, 8, 4, 16, 16, 1, 2, 0, None),     # top_n beyond the blocks there are: -1 slots
+        (1, 400, 8, 2, 16, 8, 4, 16, 6, 1, 2, 5, None),     # long: chunks every row sees skip the mask
+        (1, 400, 4, 4, 16, 8, 4, 16, 6, 2, 3, 0, torch.tensor([0, 150, 151, 400])),  # ... inside documents
     ])
     def test_select_blocks(B, T, HQ, H, D, l, d, sel, top_n, n_init, n_local, q_offset, cu):
         torch.manual_seed(T + HQ + top_n)
@@ -142,6 +144,7 @@ else:
         (2, 150, 4, 2, 8, 4, 8, 5, 3, None, 2 * 2 * 32 * 4 * 8),       # query chunks of 8, batch 2
         (1, 150, 8, 2, 16, 8, 16, 4, 0, torch.tensor([0, 37, 38, 150]), 2 * 16 * 4 * 16),  # chunks x documents
         (3, 100, 2, 2, 8, 8, 8, 20, 0, None, None),                      # top_n > blocks of a segment
+        (1, 400, 4, 1, 8, 4, 16, 6, 0, None, None),                      # ties in unmasked chunks
     ])
     def test_select_blocks_ties_and_query_chunks(B, T, HQ, H, l, d, sel, top_n, q_offset, cu, scratch, monkeypatch):
         """Identical compressed keys make every interior block score the same: the lower block id must
