@@ -14,7 +14,9 @@ Four algorithms, each one kernel family with compile-time flags (README.md, "Tri
   block -> query-tile index (CSR), split into bounded work items and summed in a fixed order.
 
 No atomics anywhere: every output element is written by exactly one program, so results are
-deterministic. Inputs are made contiguous `[B, T, heads, dim]`; lse is fp32.
+deterministic. Inputs are made contiguous `[B, T, heads, dim]`; lse is fp32. Without cu_seqlens
+nothing makes the host wait for the GPU (small host-built tables go through pinned memory, grids
+are sized from host-known bounds), so launches queue ahead of the kernels.
 """
 from __future__ import annotations
 
@@ -837,8 +839,12 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
 def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM_START, ITEM_END, CSR_TILE,
                      USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NU, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
                      BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-                     BDV: tl.constexpr):
-    """One work item: one unit's (KV head's) keys against a bounded run of the query tiles that chose it."""
+                     BDV: tl.constexpr, TPI: tl.constexpr):
+    """One work item: one unit's (KV head's) keys against a bounded run of the query tiles that chose it,
+    TPI tiles per step (their rows side by side: wider MMAs than one tile's BT x G rows).
+
+    With one query per tile (BT = 1) every row of a listed tile chose the unit; with more, the unit
+    is in the union of the tile's choices and each query's own list decides."""
     it = tl.program_id(0)
     seg = tl.load(ITEM_SEG + it)
     e0 = tl.load(ITEM_START + it)
@@ -855,13 +861,21 @@ def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM
     cols = tl.arange(0, NP)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BDV], tl.float32)
-    for e in range(e0, e1):
-        tile = tl.load(CSR_TILE + e)
-        t, g, valid = _sel_rows(tile, T, G, BT, GPAD)
+    r = tl.arange(0, TPI * BT * GPAD)
+    slot = r // (BT * GPAD)
+    g = r % GPAD
+    for e in range(e0, e1, TPI):
+        listed = e + slot < e1
+        tile = tl.load(CSR_TILE + e + slot, mask=listed, other=0)
+        t = tile * BT + (r % (BT * GPAD)) // GPAD
+        valid = listed & (t < T) & (g < G)
         row = (bb * T + t).to(tl.int64) * HQ + h * G + g
-        ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
-                     mask=valid[:, None] & (cols[None, :] < n), other=-1)
-        member = tl.sum((ru == u).to(tl.int32), 1) > 0
+        if BT > 1:
+            ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
+                         mask=valid[:, None] & (cols[None, :] < n), other=-1)
+            member = tl.sum((ru == u).to(tl.int32), 1) > 0
+        else:
+            member = valid
         pos = tl.load(QPOS + t, mask=valid, other=0)
         q, do, lse2, delta = _backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
         see = k_in[:, None] & member[None, :] & (kpos[:, None] <= pos[None, :])
@@ -902,16 +916,23 @@ def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk
 
 
 def _sel_config(G: int):
-    """(queries per tile, num_warps, num_stages, query tiles per dK/dV work item)."""
+    """(queries per tile, num_warps, num_stages, query tiles per dK/dV work item, and the dK/dV
+    kernel's tiles per step, warps, stages)."""
     GPAD = _p2(G)
     rows = 16  # at least 16 rows: the smallest MMA tile
     if _interpreting():
-        return max(1, rows // GPAD), 4, 1, 3
-    warps, stages = 4, 2
+        BT = max(1, rows // GPAD)
+        return BT, 4, 1, 3, 2, 4, 1
+    warps, stages = 4, 3  # H200, 64k, selection fwd+bwd: 59.6 ms at 3 stages, 60.6 at 2
     tuned = os.environ.get("NSA_TRITON_SEL")  # "warps,stages,rows": for tuning runs
     if tuned:
         warps, stages, rows = (int(x) for x in tuned.split(","))
-    return max(1, rows // GPAD), warps, stages, 256
+    BT = max(1, rows // GPAD)
+    dk_rows, dk_warps, dk_stages = 32, 4, 2  # H200, 64k, selection fwd+bwd: rows 32 61.0 ms, 16 65.0, 64 (8 warps) 77.4
+    tuned = os.environ.get("NSA_TRITON_SEL_DKDV")  # "rows,warps,stages": for tuning runs
+    if tuned:
+        dk_rows, dk_warps, dk_stages = (int(x) for x in tuned.split(","))
+    return BT, warps, stages, 256, max(1, dk_rows // (BT * GPAD)), dk_warps, dk_stages
 
 
 def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
@@ -939,11 +960,11 @@ def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
     ublk = b_lo[udoc] + torch.arange(NU) - first[udoc]
     ustart = starts[udoc] - k_offset + ublk * select_size
     ulimit = torch.minimum(ends[udoc], torch.full_like(ustart, k_end)) - k_offset
-    units = [x.to(device=device, dtype=torch.int32) for x in (ustart, ulimit, ublk)]
+    units = [_to_device(x, device, torch.int32) for x in (ustart, ulimit, ublk)]
 
     qlay = token_layout(q_offset, T, cu_seqlens, device)
     qdoc = qlay.doc if cu_seqlens is not None else torch.zeros_like(qlay.doc)
-    base, lo, hi = (x.to(device)[qdoc] for x in (first - b_lo, b_lo, b_hi))
+    base, lo, hi = (_to_device(x, device)[qdoc] for x in (first - b_lo, b_lo, b_hi))
     sel = idx.long()
     ok = (sel >= lo[None, :, None, None]) & (sel < hi[None, :, None, None])
     ru = torch.where(ok, base[None, :, None, None] + sel, torch.full_like(sel, -1))  # (B, T, H, n)
@@ -966,24 +987,27 @@ def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
 
 def _selection_work_items(plan, B, H, CH):
     """Reverse index: for each (batch, KV head, unit) the query tiles that chose it (CSR), cut into
-    work items of at most CH tiles; `seg_items` gives each unit's run of items for the reduction."""
+    work items of at most CH tiles; `seg_items` gives each unit's run of items for the reduction.
+
+    No host sync: the grid is the bound NI = S + entries / CH on the number of items (a unit with c
+    tiles has ceil(c / CH) <= c / CH + 1 of them); items past the real ones have an empty range."""
     ulist, NU, NTILE = plan["ulist"], plan["NU"], plan["NTILE"]
     device = ulist.device
     S = B * H * NU
     bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)
     tile = torch.arange(NTILE, device=device, dtype=torch.int64).view(1, 1, NTILE, 1)
     key = (bh * NU + ulist.long()) * NTILE + tile
-    key = key[ulist != _NO_UNIT].sort().values  # host sync: the number of (unit, tile) pairs
-    seg = key // NTILE
+    key = torch.where(ulist == _NO_UNIT, torch.full_like(key, S * NTILE), key).flatten().sort().values
     csr_tile = (key % NTILE).to(torch.int32)
-    counts = torch.bincount(seg, minlength=S)
-    seg_off = torch.cumsum(counts, 0) - counts
+    seg_off = torch.searchsorted(key, torch.arange(S + 1, device=device, dtype=torch.int64) * NTILE)
+    counts = seg_off[1:] - seg_off[:-1]
+    seg_off = seg_off[:-1]
     n_items = (counts + CH - 1) // CH
     seg_items = torch.cat([n_items.new_zeros(1), torch.cumsum(n_items, 0)])
-    NI = int(seg_items[-1])  # host sync
-    item_seg = torch.repeat_interleave(torch.arange(S, device=device), n_items, output_size=NI)
-    k = torch.arange(NI, device=device) - seg_items[item_seg]
-    start = seg_off[item_seg] + k * CH
+    NI = S + triton.cdiv(key.numel(), CH)
+    items = torch.arange(NI, device=device, dtype=torch.int64)
+    item_seg = (torch.searchsorted(seg_items, items, right=True) - 1).clamp(0, max(S - 1, 0))
+    start = seg_off[item_seg] + (items - seg_items[item_seg]) * CH
     end = torch.minimum(start + CH, seg_off[item_seg] + counts[item_seg])
     return item_seg, start, end, csr_tile, seg_items, NI
 
@@ -995,11 +1019,12 @@ class _SelectionAttention(torch.autograd.Function):
         B, T, HQ, D = q.shape
         Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
         G = HQ // H
-        BT, warps, stages, CH = _sel_config(G)
+        BT, warps, stages, CH, TPI, dk_warps, dk_stages = _sel_config(G)
         plan = _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
         o = torch.full((B, T, HQ, DV), float("nan"), dtype=q.dtype, device=q.device)
         lse = torch.full((B, T, HQ), float("nan"), dtype=torch.float32, device=q.device)
         ctx.meta = dict(select_size=select_size, scale=scale, BT=BT, warps=warps, stages=stages, CH=CH,
+                        TPI=TPI, dk_warps=dk_warps, dk_stages=dk_stages,
                         NU=plan["NU"], NTILE=plan["NTILE"], LMAX=plan["LMAX"])
         if T:
             _launch_sel(q, k, v, None, lse, None, o, lse, plan, ctx.meta, dq_pass=False)
@@ -1036,8 +1061,8 @@ class _SelectionAttention(torch.autograd.Function):
                 _sel_dkdv_kernel[(NI,)](
                     q, k, v, do, lse, delta, pdk, pdv, ru, qpos, item_seg, start, end, csr_tile, ustart, ulimit,
                     ublk, meta["scale"] * _LOG2E, meta["scale"], T, Tk, HQ, H, G, ru.shape[-1], meta["NU"], D, DV,
-                    meta["select_size"], BT=meta["BT"], GPAD=_p2(G), NP=_p2(ru.shape[-1]), **common,
-                    num_warps=4, num_stages=meta["stages"])
+                    meta["select_size"], BT=meta["BT"], GPAD=_p2(G), NP=_p2(ru.shape[-1]), TPI=meta["TPI"], **common,
+                    num_warps=meta["dk_warps"], num_stages=meta["dk_stages"])
             _sel_reduce_kernel[(S,)](pdk, pdv, dk, dv, seg_items, ustart, ulimit, ublk, Tk, H, meta["NU"], D, DV,
                                      meta["select_size"], **common, num_warps=8)
         elif Tk:
