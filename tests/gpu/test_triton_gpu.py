@@ -68,10 +68,16 @@ def test_window_attention(T, HQ, H, with_grad):
             assert rel(a, b) < TOL
 
 
-@pytest.mark.parametrize("T,HQ,H", [(65536, 16, 1), (131072, 16, 1), (8192, 4, 4)])  # 128k: two top-n segments
-def test_select_blocks(T, HQ, H):
+@pytest.mark.parametrize("T,HQ,H,segment", [
+    (65536, 16, 1, None), (131072, 16, 1, None), (8192, 4, 4, None),
+    (131072, 16, 1, 1024),  # rows of 2048 blocks in two top-n segments: the (score, id) candidate path
+])
+def test_select_blocks(T, HQ, H, segment, monkeypatch):
     """Same lse into both; bf16 products summed in another order can flip a near-tie, so allow a
     tiny fraction of rows to differ, and only where the reference's own scores nearly tie."""
+    if segment:
+        from nsa_dist.kernels.nsa import triton_ops
+        monkeypatch.setattr(triton_ops, "_TOPN_SEGMENT", segment)
     torch.manual_seed(2)
     q, k, v = compressed_inputs(T, HQ, H, 128, 128, 32, 16, False)
     _, lse = api().compressed_attention(q, k, v, block_len=32, stride=16, backend="torch")
