@@ -44,6 +44,15 @@ def _p2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
 
+def _output(shape, dtype, device, poison=float("nan")) -> torch.Tensor:
+    """An output buffer: uninitialised, or filled with `poison` (NaN, -2 for indices) under the
+    interpreter and with NSA_TRITON_POISON=1 (the GPU tests), so an element that no program writes
+    shows up there. Filling costs a full write of the tensor (2 ms per layer at 64k tokens)."""
+    if _interpreting() or os.environ.get("NSA_TRITON_POISON", "0") == "1":
+        return torch.full(shape, poison, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _to_device(x: torch.Tensor, device, dtype=None) -> torch.Tensor:
     """A small host-built tensor on the GPU without a host sync: a copy from pageable memory waits
     for the stream, one from pinned memory is queued behind it."""
@@ -349,8 +358,8 @@ def _dense_forward(q, k, v, lo, hi, scale):
     G = HQ // H
     GP, BT, BN, warps, stages = _dense_config("fwd", G, D, DV)
     NGC = triton.cdiv(G, GP)
-    o = torch.full((B, T, HQ, DV), float("nan"), dtype=q.dtype, device=q.device)
-    lse = torch.full((B, T, HQ), float("nan"), dtype=torch.float32, device=q.device)
+    o = _output((B, T, HQ, DV), q.dtype, q.device)
+    lse = _output((B, T, HQ), torch.float32, q.device)
     if T == 0:
         return o, lse
     grid = (triton.cdiv(T, BT), H * NGC, B)
@@ -366,9 +375,9 @@ def _dense_backward(q, k, v, o, lse, do, dlse, lo, hi, scale, span):
     G = HQ // H
     do = do.contiguous()
     delta = _delta(o, do, dlse)  # (B, T, HQ)
-    dq = torch.full_like(q, float("nan"))
-    dk = torch.full_like(k, float("nan"))
-    dv = torch.full_like(v, float("nan"))
+    dq = _output(q.shape, q.dtype, q.device)
+    dk = _output(k.shape, k.dtype, k.device)
+    dv = _output(v.shape, v.dtype, v.device)
     BD, BDV = _p2(max(D, 16)), _p2(max(DV, 16))
     keys = torch.arange(Tk, device=q.device, dtype=lo.dtype)
     qlo = torch.searchsorted(hi, keys, right=True).to(torch.int32)  # first query whose interval ends after key j
@@ -680,7 +689,7 @@ def select_blocks(q, k_cmp, lse, *, block_len, stride, select_size, top_n, num_i
     B, T, HQ, D = q.shape
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
-    idx = torch.full((B, T, H, top_n), -2, dtype=torch.int32, device=q.device)
+    idx = _output((B, T, H, top_n), torch.int32, q.device, poison=-2)
     if T == 0 or top_n == 0:
         return idx
     GPAD = _p2(G)
@@ -1021,8 +1030,8 @@ class _SelectionAttention(torch.autograd.Function):
         G = HQ // H
         BT, warps, stages, CH, TPI, dk_warps, dk_stages = _sel_config(G)
         plan = _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
-        o = torch.full((B, T, HQ, DV), float("nan"), dtype=q.dtype, device=q.device)
-        lse = torch.full((B, T, HQ), float("nan"), dtype=torch.float32, device=q.device)
+        o = _output((B, T, HQ, DV), q.dtype, q.device)
+        lse = _output((B, T, HQ), torch.float32, q.device)
         ctx.meta = dict(select_size=select_size, scale=scale, BT=BT, warps=warps, stages=stages, CH=CH,
                         TPI=TPI, dk_warps=dk_warps, dk_stages=dk_stages,
                         NU=plan["NU"], NTILE=plan["NTILE"], LMAX=plan["LMAX"])
@@ -1045,9 +1054,9 @@ class _SelectionAttention(torch.autograd.Function):
         G = HQ // H
         do = torch.zeros_like(o) if do is None else do.contiguous()
         delta = _delta(o, do, dlse)
-        dq = torch.full_like(q, float("nan"))
-        dk = torch.full_like(k, float("nan"))
-        dv = torch.full_like(v, float("nan"))
+        dq = _output(q.shape, q.dtype, q.device)
+        dk = _output(k.shape, k.dtype, k.device)
+        dv = _output(v.shape, v.dtype, v.device)
         if T:
             _launch_sel(q, k, v, do, lse, delta, dq, None, plan, meta, dq_pass=True)
         S = B * H * meta["NU"]
