@@ -336,3 +336,16 @@ def test_bad_input_is_named(call, message):
     q, k, v = make(1, 40, 4, 2, 8)
     with pytest.raises(ValueError, match=message):
         call(q, k, v)
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k, v: window_attention(q, k, v, backend="triton"),
+    lambda q, k, v: gated_sum([q, q], [q[..., 0], q[..., 0]], backend="triton"),
+])
+def test_triton_backend_on_cpu_tensors_is_named(call, monkeypatch):
+    """backend='triton' with CPU tensors (and no interpreter) says what to do instead of failing in
+    Triton's driver lookup."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make(1, 40, 4, 2, 8)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
+        call(q, k, v)

@@ -17,6 +17,7 @@ B == 1) packs documents; `seq_len` is the length of the whole sequence the slice
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -50,6 +51,10 @@ def _impl(backend: str, device: torch.device, name: str):
     if ops is None or not hasattr(ops, name):
         raise NotImplementedError(f"{name}: backend='triton' is not available in this install (needs triton "
                                   f"and the Triton kernels); use backend='torch'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"{name}: backend='triton' needs CUDA tensors, got tensors on {device}; move them to a "
+                         f"GPU, use backend='auto' or 'torch' (the PyTorch reference), or set TRITON_INTERPRET=1 "
+                         f"to run the kernels in Triton's (slow) interpreter")
     return getattr(ops, name)
 
 
@@ -248,8 +253,8 @@ def gated_sum(outputs, gates, *, backend: str = "torch"):
         if o.shape != outputs[0].shape or g.shape != o.shape[:3] or o.dtype != outputs[0].dtype:
             raise ValueError(f"gated_sum: outputs must share one shape and dtype, gates be [B, T, HQ]; got "
                              f"{[tuple(x.shape) for x in outputs]} and {[tuple(x.shape) for x in gates]}")
-    if _resolve_backend(backend, outputs[0].device) == "triton" and _triton_ops() is not None:
-        return _triton_ops().gated_sum(outputs, gates)
+    if _resolve_backend(backend, outputs[0].device) == "triton":
+        return _impl("triton", outputs[0].device, "gated_sum")(outputs, gates)
     o = gates[0].unsqueeze(-1) * outputs[0]
     for out, g in zip(outputs[1:], gates[1:]):
         o = o + g.unsqueeze(-1) * out
