@@ -8,7 +8,8 @@ from .api import (
     selection_attention,
     window_attention,
 )
-from .layout import compressed_cu_seqlens, compression_blocks, num_compressed
+from .layout import TokenLayout, compressed_cu_seqlens, compression_blocks, num_compressed, token_layout
+from .reference import sort_block_ids
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +20,9 @@ __all__ = [
     "nsa_attention",
     "num_compressed",
     "select_blocks",
+    "sort_block_ids",
     "selection_attention",
+    "TokenLayout",
+    "token_layout",
     "window_attention",
 ]
