@@ -1,4 +1,10 @@
-"""The sequence-parallel process group and what is cached per group: passed explicitly, never global."""
+"""The job's data-parallel x sequence-parallel mesh, and the sequence-parallel group handle.
+
+Ranks are laid out dp-major: `rank = dp_rank * sp + sp_rank`, so the ranks that share one sequence
+are contiguous (one host, under any launcher that numbers ranks node by node) and the data-parallel
+replicas stride across hosts. The model takes `mesh.sequence_parallel` (None for sp = 1) and the data
+loader takes `mesh.dp_rank`; nothing reads the mesh from a global.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from .collectives import collective_device
 
@@ -105,3 +112,88 @@ def _to_device(obj, device):
                                            for f in dataclasses.fields(obj)})
     return obj
 
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The `parallel` config section: degrees and how selected K/V blocks travel."""
+
+    dp: int | None = None  # None: world size / sp
+    sp: int = 1
+    exchange: str = "all_to_all"  # all_to_all | ring | all_gather (the plain context-parallel baseline)
+    fallback: bool = True  # per step, use the all-gather when the exchange would move more bytes
+    check_inputs: bool = True  # a small all-gather per layer call that catches mismatched shards
+
+    def validate(self) -> "ParallelConfig":
+        if self.sp < 1:
+            raise ValueError(f"parallel.sp must be at least 1, got {self.sp}")
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"parallel.dp must be at least 1 (or null: world size / parallel.sp), got {self.dp}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"unknown parallel.exchange={self.exchange!r}: choose one of {EXCHANGES}")
+        return self
+
+    def degrees(self, world_size: int) -> tuple[int, int]:
+        """`(dp, sp)` for a job of `world_size` ranks; raises ValueError naming the fix if they do not fit."""
+        dp = self.dp if self.dp is not None else world_size // self.sp
+        if dp * self.sp != world_size or dp < 1:
+            given = f"parallel.dp={self.dp} x " if self.dp is not None else ""
+            fits = [s for s in range(1, world_size + 1) if world_size % s == 0]
+            raise ValueError(f"{given}parallel.sp={self.sp} does not fit a job of {world_size} rank(s): dp x sp must "
+                             f"equal the world size; use parallel.sp in {fits} with parallel.dp=null "
+                             f"(or dp = {world_size} / sp), or launch dp x sp ranks")
+        return dp, self.sp
+
+
+@dataclass(frozen=True)
+class Mesh:
+    dp: int
+    sp: int
+    dp_rank: int = 0
+    sp_rank: int = 0
+    dp_group: Any = None  # a ProcessGroup over the ranks holding the same sequence shard; None when dp = 1
+    sp_group: Any = None  # a ProcessGroup over the ranks of one replica; None when sp = 1
+    sequence_parallel: SequenceParallel | None = None
+    device_mesh: Any = None  # the torch DeviceMesh ("dp", "sp") it was built from; None on one rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.sp
+
+    @property
+    def rank(self) -> int:
+        return self.dp_rank * self.sp + self.sp_rank
+
+    @property
+    def grad_group(self):
+        """The group over which parameter gradients are averaged; None on one rank.
+
+        All dp x sp ranks, not only the dp group: the sp ranks of one replica each backpropagate their
+        own tokens through the same weights, so each holds a partial gradient of every parameter.
+        """
+        # The mesh spans the whole world (dp x sp = world size), so its ranks are the default group.
+        return None if self.world_size == 1 else dist.group.WORLD
+
+
+SINGLE_RANK_MESH = Mesh(dp=1, sp=1)
+
+
+def build_mesh(cfg: ParallelConfig, *, device_type: str = "cpu") -> Mesh:
+    """The mesh of this job, from torch.distributed's rank and world size; `SINGLE_RANK_MESH` when
+    torch.distributed is not initialised or the world is one rank. A collective over the whole world:
+    every rank calls it, in the same order."""
+    initialised = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if initialised else 1
+    dp, sp = cfg.validate().degrees(world_size)
+    if world_size == 1:
+        return SINGLE_RANK_MESH
+    device_mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    dp_rank, sp_rank = device_mesh.get_local_rank("dp"), device_mesh.get_local_rank("sp")
+    dp_group = device_mesh.get_group("dp") if dp > 1 else None
+    sp_group = device_mesh.get_group("sp") if sp > 1 else None
+    sequence_parallel = None
+    if sp > 1:
+        sequence_parallel = SequenceParallel(group=sp_group, exchange=cfg.exchange, fallback=cfg.fallback,
+                                             check_inputs=cfg.check_inputs)
+    return Mesh(dp=dp, sp=sp, dp_rank=dp_rank, sp_rank=sp_rank, dp_group=dp_group, sp_group=sp_group,
+                sequence_parallel=sequence_parallel, device_mesh=device_mesh)
