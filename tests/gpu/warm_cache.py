@@ -1,8 +1,8 @@
 """Compile the Triton kernels that tests/gpu and bench/kernels.py launch, in parallel processes.
 
 Triton compiles on first launch, one kernel at a time (seconds each, ~50 variants across group
-sizes and head dims); on a lent GPU whose time is short, filling the on-disk cache from several
-processes at once first saves minutes. Tiny shapes: the compiled variant depends on the compile-time
+sizes and head dims); filling the on-disk cache from several processes at once first saves
+minutes. Tiny shapes: the compiled variant depends on the compile-time
 constants (group size, head dims, dtype) and on integer divisibility by 16, not on T.
 """
 from __future__ import annotations
