@@ -3,7 +3,10 @@
     x [B, T, hidden] ─ q/k/v projections ─ RoPE (global positions) ─┬─ φ(k), φ(v) ─ compressed attention ─┐
                                                                      ├─ top-n blocks ─ selected attention ──┼─ gated sum ─ o_proj
                                                                      └─ sliding-window attention ───────────┘
-The ops live in nsa_dist.kernels; this module owns only the parameters.
+`SparseAttention` is everything right of RoPE (φ, the gates, the op sequence), for a model that brings
+its own projections and rotary embedding; `NativeSparseAttention` adds q/k/v/o projections and RoPE.
+One op sequence (nsa_dist.parallel.nsa_forward) serves one rank and a sequence shard alike; the ops
+live in nsa_dist.kernels, and these modules own only the parameters.
 """
 from __future__ import annotations
 
@@ -11,11 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nsa_dist.kernels import BACKENDS, compression_blocks, nsa_attention
-from nsa_dist.kernels.nsa.layout import token_layout
-from nsa_dist.parallel import SequenceParallel, global_positions, sequence_parallel_nsa
+from nsa_dist.kernels import BACKENDS
+from nsa_dist.parallel import ExchangeLog, PlanCache, SequenceParallel, document_positions, nsa_forward
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -33,7 +34,7 @@ class NSAConfig:
     num_local: int = 2
     compression: str = "mlp"  # φ: "mlp" (learned, with intra-block positions) or "mean"
     separate_kv: bool = False  # independent K/V projections per branch
-    backend: str = "torch"
+    backend: str = "auto"  # "triton" on CUDA tensors, the torch reference otherwise
 
     def validate(self) -> "NSAConfig":
         def bad(msg):
@@ -91,84 +92,91 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class NativeSparseAttention(nn.Module):
+class SparseAttention(nn.Module):
+    """NSA over queries, keys and values that are already projected and rotated: compression φ for K and
+    V, the branch gates (`gate`, from the layer input `x`) and the op sequence.
+
+    `forward(x, q, k, v, *, cu_seqlens=None, sp=None, log=None) -> o [B, T, HQ, Dv]` with `x [B, T,
+    hidden_size]`, `q [B, T, HQ, D]` and `k`, `v` `[B, T, H, D]` (or, with `separate_kv`, three of each:
+    compression, selection, window). With `sp` (a SequenceParallel) every tensor is this rank's zigzag
+    shard (nsa_dist.parallel.shard) and `cu_seqlens` stays global; the call's byte counts go into `log`
+    (an ExchangeLog) when one is given, and are not recorded otherwise. The index plans that depend only
+    on shapes are kept per layer (`plans`).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig):
+        super().__init__()
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config.validate()
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
+        self.num_branches = 3 if config.window else 2
+        self.plans = PlanCache()
+        # A subclass's parameters come first: construction order fixes what a seed initialises and the
+        # order of parameters in optimizer state.
+        self.build_projections()
+        self.gate = nn.Linear(hidden_size, self.num_branches * num_heads)
+        self.compress_k = Compression(head_dim, config.block_len, config.compression)
+        self.compress_v = Compression(head_dim, config.block_len, config.compression)
+
+    def build_projections(self):
+        """Where a subclass creates the modules that feed q, k and v; this one has none."""
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k, v, *, cu_seqlens: torch.Tensor | None = None,
+                sp: SequenceParallel | None = None, log: ExchangeLog | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        gates = torch.sigmoid(self.gate(x)).view(B, T, self.num_branches, self.num_heads).unbind(2)
+        return nsa_forward(q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v, config=self.config,
+                           sp=sp, cu_seqlens=cu_seqlens, plans=self.plans, log=log)
+
+
+class NativeSparseAttention(SparseAttention):
     """NSA self-attention over `x [B, T, hidden_size]` → `[B, T, hidden_size]`.
 
     `num_heads` query heads share `num_kv_heads` key/value heads (group size G >= 1 divides).
-    `forward(x, cu_seqlens=None, sp=None)`: `cu_seqlens` packs documents (B == 1); RoPE positions and
-    every causal rule then restart per document. With `sp` (a SequenceParallel), `x` is this rank's
-    zigzag shard (nsa_dist.parallel.shard), `cu_seqlens` stays global, and the output is the shard
-    of what the layer computes on the full sequence; the byte counts land in `sp.stats`.
+    `forward(x, cu_seqlens=None, sp=None, log=None)`: `cu_seqlens` packs documents (B == 1); RoPE
+    positions and every causal rule then restart per document. With `sp` (a SequenceParallel), `x` is
+    this rank's zigzag shard (nsa_dist.parallel.shard), `cu_seqlens` stays global, and the output is
+    the shard of what the layer computes on the full sequence; its byte counts go into `log`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, block_len: int = 32,
                  stride: int = 16, select_size: int = 64, top_n: int = 16, window: int = 512, num_init: int = 1,
                  num_local: int = 2, compression: str = "mlp", separate_kv: bool = False, rope_theta: float = 10000.0,
-                 backend: str = "torch"):
-        super().__init__()
-        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+                 backend: str = "auto"):
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {head_dim}")
-        self.config = NSAConfig(block_len=block_len, stride=stride, select_size=select_size, top_n=top_n,
-                                window=window, num_init=num_init, num_local=num_local, compression=compression,
-                                separate_kv=separate_kv, backend=backend).validate()
-        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
+        config = NSAConfig(block_len=block_len, stride=stride, select_size=select_size, top_n=top_n, window=window,
+                           num_init=num_init, num_local=num_local, compression=compression, separate_kv=separate_kv,
+                           backend=backend)
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, config)
         self.rope_theta = rope_theta
-        self.num_kv_sets = 3 if separate_kv else 1  # (cmp, slc, win) or one shared K/V
-        self.num_branches = 3 if window else 2
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.kv_proj = nn.Linear(hidden_size, self.num_kv_sets * 2 * num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.gate = nn.Linear(hidden_size, self.num_branches * num_heads)
-        self.compress_k = Compression(head_dim, block_len, compression)
-        self.compress_v = Compression(head_dim, block_len, compression)
 
     @classmethod
     def from_config(cls, hidden_size, num_heads, num_kv_heads, head_dim, nsa: NSAConfig, rope_theta=10000.0):
         return cls(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta, **asdict(nsa))
 
+    def build_projections(self):
+        self.num_kv_sets = 3 if self.config.separate_kv else 1  # (cmp, slc, win) or one shared K/V
+        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(self.hidden_size, self.num_kv_sets * 2 * self.num_kv_heads * self.head_dim,
+                                 bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """q `[B, T, HQ, D]`, the K/V sets `[(k, v) per branch set]`, gates `[B, T, HQ]` per branch."""
+        """q `[B, T, HQ, D]` and k, v `[B, T, H, D]` (three of each with `separate_kv`), rotated at `positions`."""
         B, T, _ = x.shape
         q = rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions, self.rope_theta)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, 2, self.num_kv_heads, self.head_dim)
-        kv_sets = [(rope(kv[:, :, i, 0], positions, self.rope_theta), kv[:, :, i, 1]) for i in range(self.num_kv_sets)]
-        gates = torch.sigmoid(self.gate(x)).view(B, T, self.num_branches, self.num_heads).unbind(2)
-        return q, kv_sets, gates
+        k = [rope(kv[:, :, i, 0], positions, self.rope_theta) for i in range(self.num_kv_sets)]
+        v = [kv[:, :, i, 1] for i in range(self.num_kv_sets)]
+        return (q, k[0], v[0]) if self.num_kv_sets == 1 else (q, tuple(k), tuple(v))
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        """Compressed keys and values `[B, Tc, H, D]` of whole blocks of `k`, `v` `[B, T, H, D]`."""
-        c = self.config
-        return (self.compress_k(compression_blocks(k, c.block_len, c.stride, cu_seqlens)),
-                self.compress_v(compression_blocks(v, c.block_len, c.stride, cu_seqlens)))
-
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None):
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None,
+                log: ExchangeLog | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
-        if sp is not None:
-            return self._forward_shard(x, cu_seqlens, sp)
         B, T, _ = x.shape
-        c = self.config
-        positions = token_layout(0, T, cu_seqlens, x.device).pos
-        q, kv_sets, gates = self.project(x, positions)
-        (k_cmp_src, v_cmp_src), (k_slc, v_slc), (k_win, v_win) = (kv_sets * 3)[:3] if len(kv_sets) == 1 else kv_sets
-        k_cmp, v_cmp = self.compress(k_cmp_src, v_cmp_src, cu_seqlens)
-        o = nsa_attention(q, k_slc, v_slc, k_cmp, v_cmp, gates[0], gates[1], gates[2] if c.window else None,
-                          block_len=c.block_len, stride=c.stride, select_size=c.select_size, top_n=c.top_n,
-                          window=c.window, num_init=c.num_init, num_local=c.num_local, cu_seqlens=cu_seqlens,
-                          k_win=k_win, v_win=v_win, backend=c.backend)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-
-    def _forward_shard(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, sp: SequenceParallel):
-        B, T, _ = x.shape
-        g = global_positions(sp, T, x.device)
-        if cu_seqlens is None:
-            positions = g
-        else:
-            cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
-            positions = g - cu[(torch.searchsorted(cu, g, right=True) - 1).clamp(0, cu.numel() - 2)]
-        q, kv_sets, gates = self.project(x, positions)
-        o = sequence_parallel_nsa(q, kv_sets, gates, compress_k=self.compress_k, compress_v=self.compress_v,
-                                  config=self.config, sp=sp, cu_seqlens=cu_seqlens)
+        q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
+        o = super().forward(x, q, k, v, cu_seqlens=cu_seqlens, sp=sp, log=log)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

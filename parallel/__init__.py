@@ -2,14 +2,15 @@
 over the shards.
 
 `build_mesh(ParallelConfig(...))` makes the mesh; `mesh.sequence_parallel` holds the sp group;
-`shard` / `unshard` move between full and local tensors; `NativeSparseAttention.forward(x, sp=sp)`
-runs the layer on a shard, recording its byte counts into an `ExchangeLog` (see docs/parallel.md).
+`shard` / `unshard` move between full and local tensors; `nsa_forward` is the NSA op sequence of one
+rank, the whole sequence without `sp` and a shard with it, recording byte counts into an
+`ExchangeLog` (see docs/parallel.md).
 """
-from .attention import sequence_parallel_nsa
+from .attention import nsa_forward
 from .exchange import ExchangeStats, all_gather_compressed, exchange_selected_blocks
 from .halo import exchange_halo
 from .mesh import EXCHANGES, SINGLE_RANK_MESH, Mesh, ParallelConfig, SequenceParallel, build_mesh
-from .sharding import check_length, global_positions, shard, unshard
+from .sharding import check_length, document_positions, global_positions, shard, unshard
 from .state import ExchangeLog, PlanCache
 
 __all__ = [
@@ -24,10 +25,11 @@ __all__ = [
     "all_gather_compressed",
     "build_mesh",
     "check_length",
+    "document_positions",
     "exchange_halo",
     "exchange_selected_blocks",
     "global_positions",
-    "sequence_parallel_nsa",
+    "nsa_forward",
     "shard",
     "unshard",
 ]

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nsa_dist.kernels.nsa.layout import token_layout
+from nsa_dist.kernels import token_layout
 
 from .collectives import all_gather_ints, all_to_all, ring_all_to_all
 from .mesh import SequenceParallel
 from .sharding import chunk_owner, global_positions, global_positions_of, local_index, rank_chunks
+from .state import PlanCache
 
 ID_BYTES = 8
 
@@ -44,7 +45,8 @@ class ExchangeStats:
         return self.exchange_bytes + self.halo_bytes + self.compressed_bytes
 
 
-def all_gather_compressed(pieces: torch.Tensor, chunk_counts: list[int], sp: SequenceParallel):
+def all_gather_compressed(pieces: torch.Tensor, chunk_counts: list[int], sp: SequenceParallel, *,
+                          plans: PlanCache | None = None):
     """All compressed tokens in global order, from each rank's `pieces [B, n_r, ...]` (the tokens of its
     chunk r, then of chunk 2P-1-r; `chunk_counts[c]` tokens in chunk c). Its backward sums the
     gradient of each rank's tokens over all ranks (a reduce-scatter). Returns the tensor and the
@@ -53,7 +55,8 @@ def all_gather_compressed(pieces: torch.Tensor, chunk_counts: list[int], sp: Seq
     per_rank = [sum(chunk_counts[c] for c in rank_chunks(s, P)) for s in range(P)]
     rows = pieces.transpose(0, 1)  # (n_r, B, ...)
     got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [per_rank[sp.rank]] * P, per_rank, sp)
-    order = sp.cached(("compressed_order", tuple(chunk_counts)), lambda: _chunk_order(chunk_counts, P), rows.device)
+    order = (plans or PlanCache()).get(("compressed_order", P, tuple(chunk_counts)),
+                                       lambda: _chunk_order(chunk_counts, P), rows.device)
     row_bytes = rows[:1].numel() * rows.element_size()
     return got.index_select(0, order).transpose(0, 1), per_rank[sp.rank] * (P - 1) * row_bytes
 
@@ -150,7 +153,7 @@ def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequencePara
 
 def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
                              widths: list[int], cu_seqlens: torch.Tensor | None = None,
-                             plan: SelectedBlocksPlan | None = None):
+                             plan: SelectedBlocksPlan | None = None, plans: PlanCache | None = None):
     """Key buffers holding global tokens `[0, hi)` that cover every block the rank's queries selected,
     from the local `kv [B, 2C, H, F]` (K and V side by side, `widths` of each) and the per-chunk
     `idx [B, C, H, n]`: one contiguous `[B, hi, H, width]` tensor per part, so kernels need no copy.
@@ -171,12 +174,12 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
     else:
         plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens)
     if plan.fall_back or sp.exchange == "all_gather":
-        return [part.contiguous() for part in _all_gather_kv(kv, sp)[:, :hi].split(widths, -1)], plan
+        return [part.contiguous() for part in _all_gather_kv(kv, sp, plans)[:, :hi].split(widths, -1)], plan
     rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
     move = ring_all_to_all if sp.exchange == "ring" else all_to_all
     fetched = move(rows, send_splits, recv_splits, sp).transpose(0, 1)  # (B, R, H, F)
     offs = torch.arange(select_size, device=kv.device)
-    positions = torch.cat([global_positions(sp, T2, kv.device), (plan.remote[:, None] * select_size + offs).flatten()])
+    positions = torch.cat([global_positions(sp, T2, kv.device, plans=plans), (plan.remote[:, None] * select_size + offs).flatten()])
     return place_rows(torch.cat([kv, fetched], 1), positions, hi, widths), plan
 
 
@@ -189,7 +192,8 @@ def place_rows(rows: torch.Tensor, positions: torch.Tensor, length: int, widths:
     return [buf.index_copy(1, positions, part) for buf, part in zip(into, parts)]
 
 
-def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, *, select_size: int):
+def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, *, select_size: int,
+               plans: PlanCache | None = None):
     """The selected blocks step by step: yields `(step, positions, rows [B, R_s, H, F])`, step 0 the
     local chunks, step `s` the blocks of rank `r-s`. Step `s+1` is posted before step `s` is
     yielded, so whatever the caller computes on step `s` overlaps the next transfer."""
@@ -206,7 +210,7 @@ def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel,
             posted[s] = ring_step(sends[(r + s) % P], recv_splits[(r - s) % P], (r + s) % P, (r - s) % P, sp)
 
     post(1)
-    yield 0, global_positions(sp, T2, kv.device), kv
+    yield 0, global_positions(sp, T2, kv.device, plans=plans), kv
     for s in range(1, P):
         post(s + 1)
         got = finish_ring_step(*posted.pop(s))
@@ -287,11 +291,11 @@ def _post_send_recv(x, recv_rows, dst, src, sp):
     return got, (dist.batch_isend_irecv(ops) if ops else [])
 
 
-def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None) -> torch.Tensor:
     """Every rank's K/V in global order, `[B, N, H, F]`; the backward returns each rank its gradient."""
     P, T2 = sp.size, kv.shape[1]
     rows = kv.transpose(0, 1)  # (2C, B, H, F)
     got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [T2] * P, [T2] * P, sp)  # grouped by rank
-    where = sp.cached(("all_gather_order", T2), lambda: torch.sort(
+    where = (plans or PlanCache()).get(("all_gather_order", P, T2), lambda: torch.sort(
         torch.cat([global_positions_of(s, P, T2) for s in range(P)])).indices, kv.device)
     return got.index_select(0, where).transpose(0, 1)

@@ -14,6 +14,7 @@ import torch
 
 from .collectives import all_to_all
 from .mesh import SequenceParallel
+from .state import PlanCache
 from .sharding import chunk_owner, local_index, rank_chunks
 
 
@@ -58,7 +59,8 @@ def halo_starts(rank: int, size: int, chunk_len: int, halo_len: int) -> list[int
     return [max(0, c * chunk_len - halo_len) for c in rank_chunks(rank, size)]
 
 
-def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int, device=None) -> TokenFetchPlan:
+def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int, device=None, *,
+              plans: PlanCache | None = None) -> TokenFetchPlan:
     def build():
         requests = []
         for d in range(sp.size):
@@ -67,14 +69,14 @@ def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int, device=None) 
                                        for s, c in zip(starts, rank_chunks(d, sp.size))]))
         return token_fetch_plan(requests, sp.rank, sp.size, chunk_len)
 
-    return sp.cached(("halo", chunk_len, halo_len), build, device)
+    return (plans or PlanCache()).get(("halo", sp.rank, sp.size, chunk_len, halo_len), build, device)
 
 
-def exchange_halo(x: torch.Tensor, sp: SequenceParallel, halo_len: int):
+def exchange_halo(x: torch.Tensor, sp: SequenceParallel, halo_len: int, *, plans: PlanCache | None = None):
     """Each local chunk with its halo in front: `[(x_ext [B, h_j + C, ...], first global index)]` for
     the rank's two chunks, and the bytes sent to other ranks."""
     chunk_len = x.shape[1] // 2
-    plan = halo_plan(sp, chunk_len, halo_len, x.device)
+    plan = halo_plan(sp, chunk_len, halo_len, x.device, plans=plans)
     halo = fetch_tokens(x, plan, sp)
     starts = halo_starts(sp.rank, sp.size, chunk_len, halo_len)
     out, at = [], 0

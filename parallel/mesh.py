@@ -7,7 +7,6 @@ loader takes `mesh.dp_rank`; nothing reads the mesh from a global.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,19 +19,24 @@ from .collectives import collective_device
 EXCHANGES = ("all_to_all", "ring", "all_gather")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequenceParallel:
     """`P = size` ranks that share one sequence, rank `r` holding zigzag chunks `r` and `2P-1-r`.
+
+    An immutable handle: the group and how the layer uses it. What changes per step (the byte counts
+    of each call, the index plans) lives with the caller: an `ExchangeLog` and each layer's
+    `PlanCache`. To change an option, build a new one (`dataclasses.replace(sp, exchange="ring")`,
+    which validates again: a collective like construction).
 
     `exchange` picks how selected remote K/V blocks travel: "all_to_all" (one uneven
     `all_to_all_single`), "ring" (`P-1` point-to-point steps `r -> r+s`) or "all_gather" (every
     rank gathers all K/V: the plain context-parallel baseline). With `fallback`, the first two
     switch to the all-gather for a step whose busiest rank would receive at least as many bytes
-    as the all-gather moves. `stats` collects one `ExchangeStats` per NSA layer call, for logging.
-    `validate` checks at construction that every rank of the group built it from the same group
-    (a collective over the whole world: every rank must construct its `SequenceParallel` together);
-    `check_inputs` checks at every layer call that the ranks pass shards of one sequence with one
-    config (a tiny all-gather and a host sync; turn it off once the input pipeline is trusted).
+    as the all-gather moves. `validate` checks at construction that every rank of the group built it
+    from the same group (a collective over the whole world: every rank must construct its
+    `SequenceParallel` together); `check_inputs` checks at every layer call that the ranks pass
+    shards of one sequence with one config (a tiny all-gather and a host sync; turn it off once the
+    input pipeline is trusted).
     """
 
     group: Any = None  # a ProcessGroup; None = the default (world) group
@@ -42,8 +46,6 @@ class SequenceParallel:
     check_inputs: bool = True
     rank: int = field(init=False)
     size: int = field(init=False)
-    stats: list = field(init=False, default_factory=list, repr=False)
-    _plans: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not dist.is_available() or not dist.is_initialized():
@@ -51,11 +53,12 @@ class SequenceParallel:
                                "torch.distributed.init_process_group first")
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange={self.exchange!r}: choose one of {EXCHANGES}")
-        self.rank = dist.get_rank(self.group)
-        self.size = dist.get_world_size(self.group)
-        if self.rank < 0:
+        rank = dist.get_rank(self.group)
+        if rank < 0:
             raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group it was "
                              "given; pass the sequence-parallel group that contains it")
+        object.__setattr__(self, "rank", rank)  # frozen: computed once, here
+        object.__setattr__(self, "size", dist.get_world_size(self.group))
         if self.validate:
             self._check_same_group_everywhere()
 
@@ -83,35 +86,6 @@ class SequenceParallel:
                                  f"{views[me]} but global rank {other} has {members}; every rank of a "
                                  "sequence-parallel group must pass the same group (build it once with "
                                  "torch.distributed.new_group on all ranks, in the same order)")
-
-    def pop_stats(self) -> list:
-        """The per-layer byte counts recorded since the last call, in layer-call order."""
-        out, self.stats = self.stats, []
-        return out
-
-    def cached(self, key, build, device=None):
-        """A plan for `key`, built once by `build()` (on the CPU) and kept with its tensors on `device`,
-        so that later calls copy nothing from the host; a few shapes per run keep the cache small."""
-        key = (key, None if device is None else str(device))
-        if key not in self._plans:
-            if len(self._plans) >= 64:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = _to_device(build(), device)
-        return self._plans[key]
-
-
-def _to_device(obj, device):
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device)
-                                           for f in dataclasses.fields(obj)})
-    return obj
-
 
 
 @dataclass(frozen=True)

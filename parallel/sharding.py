@@ -10,6 +10,7 @@ import torch
 
 from .collectives import all_to_all
 from .mesh import SequenceParallel
+from .state import PlanCache
 
 
 def rank_chunks(rank: int, size: int) -> tuple[int, int]:
@@ -44,12 +45,27 @@ def check_length(seq_len: int, size: int, multiple: int = 1, what: str = "the se
                          f"{chunks * multiple} tokens")
 
 
-def global_positions(sp: SequenceParallel, local_len: int, device=None) -> torch.Tensor:
-    """Global index of each of the rank's `local_len` tokens, `[local_len]` int64."""
+def global_positions(sp: SequenceParallel | None, local_len: int, device=None, *,
+                     plans: PlanCache | None = None) -> torch.Tensor:
+    """Global index of each of the rank's `local_len` tokens, `[local_len]` int64 (`arange` without `sp`)."""
+    device = torch.device("cpu") if device is None else device
+    if sp is None:
+        return torch.arange(local_len, device=device)
     if local_len % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks, so its length must be even, got {local_len}")
-    return sp.cached(("positions", local_len), lambda: global_positions_of(sp.rank, sp.size, local_len),
-                     torch.device("cpu") if device is None else device)
+    return (plans or PlanCache()).get(("positions", sp.rank, sp.size, local_len),
+                                      lambda: global_positions_of(sp.rank, sp.size, local_len), device)
+
+
+def document_positions(sp: SequenceParallel | None, local_len: int, cu_seqlens: torch.Tensor | None = None,
+                       device=None, *, plans: PlanCache | None = None) -> torch.Tensor:
+    """Position of each of the rank's tokens inside its document (what RoPE rotates by), `[local_len]`:
+    the global position, less its document's first token with packed documents (global `cu_seqlens`)."""
+    g = global_positions(sp, local_len, device, plans=plans)
+    if cu_seqlens is None:
+        return g
+    cu = cu_seqlens.to(device=g.device, dtype=torch.int64)
+    return g - cu[(torch.searchsorted(cu, g, right=True) - 1).clamp(0, cu.numel() - 2)]
 
 
 def shard(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:

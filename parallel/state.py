@@ -48,9 +48,6 @@ class PlanCache:
             self._plans[key] = _to_device(build(), device)
         return self._plans[key]
 
-    def __len__(self) -> int:
-        return len(self._plans)
-
 
 def _to_device(obj, device):
     if device is None:

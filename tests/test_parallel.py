@@ -5,25 +5,18 @@ each rank also runs the single-process layer on the full sequence as the referen
 """
 from __future__ import annotations
 
-import datetime
-import socket
+import dataclasses
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import run_ranks
 
 from nsa_dist import NativeSparseAttention
-from nsa_dist.parallel import SequenceParallel, shard, unshard
+from nsa_dist.parallel import ExchangeLog, SequenceParallel, shard, unshard
 
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float = 0.0) -> float:
@@ -47,7 +40,7 @@ def make_layer(seed, *, heads, kv_heads, **kw):
 def check_equivalence(sp, name, *, seq_len, batch=1, cu=None, heads=3, kv_heads=3, exchange="all_to_all",
                       fallback=True, x_scale=1.0, seed=0, expect_remote=False, **layer_kw):
     """Sharded output and every gradient (summed over ranks) against the full-sequence layer."""
-    sp.exchange, sp.fallback = exchange, fallback
+    sp = dataclasses.replace(sp, exchange=exchange, fallback=fallback, validate=False)
     layer = make_layer(seed, heads=heads, kv_heads=kv_heads, **layer_kw)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, seq_len, 32, generator=g) * x_scale
@@ -61,8 +54,8 @@ def check_equivalence(sp, name, *, seq_len, batch=1, cu=None, heads=3, kv_heads=
     layer.zero_grad()
 
     x_full = x.clone().requires_grad_()
-    sp.pop_stats()
-    y_local = layer(shard(x_full, sp), cu_seqlens=cu_seqlens, sp=sp)
+    log = ExchangeLog()
+    y_local = layer(shard(x_full, sp), cu_seqlens=cu_seqlens, sp=sp, log=log)
     (y_local * shard(dy, sp)).sum().backward()
     y = unshard(y_local.detach(), sp)
     errs = {"out": rel_err(y, y_ref)}
@@ -76,7 +69,7 @@ def check_equivalence(sp, name, *, seq_len, batch=1, cu=None, heads=3, kv_heads=
         errs[f"d{n}"] = rel_err(p.grad, grads_ref[n], scale)
     bad = {k: v for k, v in errs.items() if not v < TOL}
     assert not bad, f"{name} (P={sp.size}, rank {sp.rank}): relative errors above {TOL}: {bad}"
-    (stats,) = sp.pop_stats()
+    (stats,) = log.pop()
     if exchange != "all_gather" and not fallback:
         assert stats.mode == exchange, (name, stats)
     if expect_remote:
@@ -100,11 +93,12 @@ def check_model(sp):
     ref.square().mean().backward()
     grads_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    sp.exchange, sp.fallback = "all_to_all", False
-    local = model(shard(tokens, sp), cu_seqlens=cu, sp=sp)
+    sp = dataclasses.replace(sp, exchange="all_to_all", fallback=False, validate=False)
+    log = ExchangeLog()
+    local = model(shard(tokens, sp), cu_seqlens=cu, sp=sp, log=log)
     (local.square().sum() / ref.numel()).backward()
     assert rel_err(unshard(local.detach(), sp), ref) < TOL
-    assert len(sp.pop_stats()) == 2  # one byte count per layer
+    assert [s.mode for s in log.pop()] == ["all_to_all"] * 2 and log.pop() == []  # one byte count per layer
     scale = max(float(g.norm()) for g in grads_ref.values())
     for n, p in model.named_parameters():
         dist.all_reduce(p.grad, group=sp.group)
@@ -203,55 +197,38 @@ CHECKS = {
 }
 
 
-def worker(rank, world, port, results):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        torch.set_num_threads(1)
-        sp = SequenceParallel()
-        for name, check in CHECKS.items():
-            try:
-                check(sp)
-                results.put((rank, name, None))
-            except Exception:  # the checks assert after their collectives, so the other ranks go on
-                results.put((rank, name, traceback.format_exc()))
-        dist.barrier()
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def run_checks(rank, world):
+    """Every check on one rank, in one order on all ranks; the traceback of each that failed, by name.
+
+    The checks assert after their collectives, so a failing check lets the other ranks go on."""
+    sp = SequenceParallel()
+    failures = {}
+    for name, check in CHECKS.items():
+        try:
+            check(sp)
+            failures[name] = None
+        except Exception:  # noqa: BLE001 - reported per check by the test below
+            failures[name] = traceback.format_exc()
+    dist.barrier()
+    return failures
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"P={w}")
 def job(request):
-    """Run every check in one spawned gloo job of `world` ranks; per check, the failures by rank."""
+    """Run every check in one spawned gloo job of `world` ranks: per rank, the failures by check, or
+    why the job stopped."""
     world = request.param
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    crashed = None
     try:
-        mp.spawn(worker, args=(world, free_port(), results), nprocs=world, join=True)
-    except Exception as e:
-        crashed = str(e)
-    failures = {name: [] for name in CHECKS}
-    done = {name: 0 for name in CHECKS}
-    while not results.empty():
-        rank, name, err = results.get()
-        if name is None:
-            crashed = f"rank {rank}:\n{err}"
-        else:
-            done[name] += 1
-            if err:
-                failures[name].append(f"rank {rank}:\n{err}")
-    return world, failures, done, crashed
+        return world, run_ranks(run_checks, world, timeout_s=120), None
+    except Exception as e:  # noqa: BLE001 - every check then reports the crash
+        return world, None, str(e)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_sequence_parallel_matches_single_process(job, check):
-    world, failures, done, crashed = job
-    if failures[check]:
-        pytest.fail("\n".join(failures[check]))
-    if done[check] < world:
-        pytest.fail(f"the job stopped before this check finished on every rank: {crashed}")
+    world, by_rank, crashed = job
+    if crashed:
+        pytest.fail(f"the job of {world} ranks stopped before every check ran:\n{crashed}")
+    failures = [f"rank {r}:\n{f[check]}" for r, f in enumerate(by_rank) if f[check]]
+    if failures:
+        pytest.fail("\n".join(failures))
