@@ -312,6 +312,27 @@ def test_nsa_attention_without_window_and_with_separate_kv():
     assert rel_err(o_sep, g[..., None] * (o_cmp + o_slc + o_win)) < TOL
 
 
+def test_selected_block_outside_the_keys_is_named():
+    """The check sits in the api, before either backend: k from token 16 cannot serve block 0."""
+    q, k, v = make(1, 40, 4, 2, 8)
+    idx = random_idx(40, 2, 3, None, 8)
+    idx[:, 30:, :, 0] = 0
+    with pytest.raises(ValueError, match="outside the keys passed in.*\\[16, 40\\)"):
+        selection_attention(q[:, 24:], k[:, 16:], v[:, 16:], idx[:, 24:], select_size=8, q_offset=24, k_offset=16)
+    idx[:, 30:, :, 0] = -1  # the other blocks of these queries, ids >= 2, lie in k
+    idx[(idx >= 0) & (idx < 2)] = -1
+    selection_attention(q[:, 24:], k[:, 16:], v[:, 16:], idx[:, 24:], select_size=8, q_offset=24, k_offset=16)
+
+
+def test_seq_len_changes_nothing():
+    """A shard of packed documents needs no seq_len: cu_seqlens may run past the slices."""
+    q, k, v = make(1, 40, 4, 2, 8)
+    cu = torch.tensor([0, 25, 70])
+    o = window_attention(q[:, 20:], k, v, window=8, q_offset=20, cu_seqlens=cu)
+    assert torch.equal(o, window_attention(q[:, 20:], k, v, window=8, q_offset=20, cu_seqlens=cu, seq_len=70))
+    assert rel_err(o, window_attention(q, k, v, window=8, cu_seqlens=torch.tensor([0, 25, 40]))[:, 20:]) < TOL
+
+
 BAD = [
     (lambda q, k, v: window_attention(q, k, v[:, :, :1]), "mismatched head counts"),
     (lambda q, k, v: window_attention(q[:, :, :3], k, v), "not divisible"),

@@ -1,8 +1,7 @@
 """Single-process pieces of the sequence-parallel path: partial selection attentions merge exactly."""
 import torch
 
-from nsa_dist.kernels import selection_attention
-from nsa_dist.kernels.nsa.reference import sort_block_ids
+from nsa_dist.kernels import selection_attention, sort_block_ids
 from nsa_dist.parallel.attention import merge_partial_attention
 
 

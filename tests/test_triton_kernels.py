@@ -27,7 +27,7 @@ if not INTERPRETING:
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
 
 else:
-    from nsa_dist.kernels.nsa import api, reference
+    from nsa_dist.kernels.nsa import api, naive, tuning
     from nsa_dist.kernels.nsa.layout import num_compressed, token_layout
 
     TOL = 1e-5  # fp32 on both sides; the interpreter's dots are fp32
@@ -102,14 +102,13 @@ else:
     @pytest.mark.parametrize("rows_major", [True, False])
     def test_dense_backward_loop_forms(rows_major, monkeypatch):
         """Both forms of the dK/dV loop (rows x keys and keys x rows) give the reference's gradients."""
-        from nsa_dist.kernels.nsa import triton_ops
-        monkeypatch.setattr(triton_ops, "_dkdv_rows_major", lambda D, DV: rows_major)
         torch.manual_seed(3)
         q = torch.randn(1, 67, 8, 16, requires_grad=True)
         k = torch.randn(1, 67, 2, 16, requires_grad=True)
         v = torch.randn(1, 67, 2, 24, requires_grad=True)
         w = torch.randn(1, 67, 8, 24)
-        outs = [api.window_attention(q, k, v, window=20, backend=b) for b in ("triton", "torch")]
+        with tuning.override(dense_dkdv=tuning.table(q.device).dense_dkdv._replace(rows_major=rows_major)):
+            outs = [api.window_attention(q, k, v, window=20, backend=b) for b in ("triton", "torch")]
         for a, b in zip(grads(outs[0], (q, k, v), w), grads(outs[1], (q, k, v), w)):
             assert rel(a, b) < TOL
 
@@ -149,9 +148,9 @@ else:
     def test_select_blocks_ties_and_query_chunks(B, T, HQ, H, l, d, sel, top_n, q_offset, cu, scratch, monkeypatch):
         """Identical compressed keys make every interior block score the same: the lower block id must
         win each tie, as in the reference; a small scratch budget forces several query chunks."""
-        from nsa_dist.kernels.nsa import triton_ops
+        from nsa_dist.kernels.nsa import scoring
         if scratch:
-            monkeypatch.setattr(triton_ops, "_SELECT_SCRATCH", scratch)
+            monkeypatch.setattr(scoring, "_SELECT_SCRATCH", scratch)
         torch.manual_seed(T + top_n)
         Tc = n_compressed(T, q_offset, cu, l, d)
         q, k = torch.randn(B, T, HQ, 16), torch.randn(B, Tc, H, 16)
@@ -168,7 +167,7 @@ else:
         nb = pos // sel + 1
         order = torch.rand(B, T, H, int(nb.max()) - first, generator=g).argsort(-1)[..., :n] + first
         idx = torch.where(order < nb.view(1, T, 1, 1), order, torch.full_like(order, -1))
-        return reference.sort_block_ids(idx).to(torch.int32)
+        return naive.sort_block_ids(idx).to(torch.int32)
 
     @pytest.mark.parametrize("B,T,HQ,H,D,DV,sel,n,q_offset,k_offset,cu", [
         (2, 67, 2, 2, 16, 32, 16, 4, 0, 0, None),     # G = 1
@@ -195,6 +194,14 @@ else:
             assert rel(a, b) < TOL
         o_only = api.selection_attention(q, k, v, idx, backend="triton", **kw)
         assert torch.equal(o_only, o)
+
+    def test_selection_attention_block_outside_keys_raises():
+        q, k = torch.randn(1, 32, 2, 16), torch.randn(1, 24, 1, 16)
+        idx = torch.full((1, 32, 1, 2), -1, dtype=torch.int32)
+        idx[:, 20:, :, 0] = 0  # keys [0, 8) of block 0, but k starts at global token 8
+        with pytest.raises(ValueError, match="outside the keys passed in"):
+            api.selection_attention(q[:, 16:], k, k, idx[:, 16:], select_size=8, q_offset=16, k_offset=8,
+                                    backend="triton")
 
     def test_nsa_attention_end_to_end_and_deterministic():
         torch.manual_seed(3)

@@ -9,7 +9,7 @@ from .api import (
     window_attention,
 )
 from .layout import TokenLayout, compressed_cu_seqlens, compression_blocks, num_compressed, token_layout
-from .reference import sort_block_ids
+from .naive import sort_block_ids
 
 __all__ = [
     "BACKENDS",

@@ -10,52 +10,56 @@ group size G = HQ / H, head dims D for q/k and Dv for v):
 
 `q_offset` / `k_offset` give the global index of the first query / key when a tensor holds a
 slice of the sequence (a sequence-parallel shard, a halo); `cu_seqlens` (`[num_docs + 1]`,
-B == 1) packs documents; `seq_len` is the length of the whole sequence the slices come from
-(default: the end of the furthest slice). Backends: "torch" (fp32 reference, any device),
-"triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on CUDA tensors, torch otherwise).
+B == 1) packs documents and must reach at least the end of the furthest slice. `seq_len`, the
+length of the whole sequence, is accepted by every op and used by none: positions, documents and
+causality all follow from the offsets and `cu_seqlens`. Backends: "torch" (`naive.py`, fp32, any
+device), "triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on CUDA tensors, torch otherwise).
 """
 from __future__ import annotations
 
+import bisect
+import importlib
 import math
 import os
 
 import torch
 
-from . import reference
-from .layout import num_compressed
+from . import naive
+from .layout import num_compressed, token_layout
 
 BACKENDS = ("torch", "triton", "auto")
+_TRITON_MODULES = {"compressed_attention": "dense", "window_attention": "dense", "select_blocks": "scoring",
+                   "selection_attention": "selection", "gated_sum": "gating"}
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_ops() is not None else "torch"
+        return "triton" if device.type == "cuda" and _triton_op("gated_sum") is not None else "torch"
     return backend
 
 
-def _triton_ops():
+def _triton_op(name: str):
     try:
-        from . import triton_ops
+        return getattr(importlib.import_module(f".{_TRITON_MODULES[name]}", __package__), name)
     except ImportError:
         return None
-    return triton_ops
 
 
 def _impl(backend: str, device: torch.device, name: str):
     backend = _resolve_backend(backend, device)
     if backend == "torch":
-        return getattr(reference, name)
-    ops = _triton_ops()
-    if ops is None or not hasattr(ops, name):
+        return getattr(naive, name)
+    op = _triton_op(name)
+    if op is None:
         raise NotImplementedError(f"{name}: backend='triton' is not available in this install (needs triton "
                                   f"and the Triton kernels); use backend='torch'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"{name}: backend='triton' needs CUDA tensors, got tensors on {device}; move them to a "
                          f"GPU, use backend='auto' or 'torch' (the PyTorch reference), or set TRITON_INTERPRET=1 "
                          f"to run the kernels in Triton's (slow) interpreter")
-    return getattr(ops, name)
+    return op
 
 
 def _check_4d(name, t):
@@ -87,15 +91,13 @@ def _check_qkv(q, k, v, what="k"):
         raise ValueError(f"tensors are on different devices: q {q.device}, {what} {k.device}, v {v.device}")
 
 
-def _check_positions(q, q_offset, k_len, k_offset, cu_seqlens, seq_len):
+def _check_positions(q, q_offset, k_len, k_offset, cu_seqlens):
+    """Offsets and cu_seqlens; returns cu_seqlens as a host list (None without), read once here."""
     if q_offset < 0 or k_offset < 0:
         raise ValueError(f"offsets must be >= 0, got q_offset={q_offset}, k_offset={k_offset}")
     end = max(q_offset + q.shape[1], k_offset + k_len)
-    seq_len = end if seq_len is None else seq_len
-    if seq_len < end:
-        raise ValueError(f"seq_len={seq_len} is shorter than the slices passed in (they reach token {end})")
     if cu_seqlens is None:
-        return seq_len
+        return None
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs documents into one row: batch size must be 1, got {q.shape[0]}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
@@ -103,13 +105,13 @@ def _check_positions(q, q_offset, k_len, k_offset, cu_seqlens, seq_len):
     cu = cu_seqlens.tolist()  # host sync: validation reads the document boundaries once
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu[:8]}...")
-    if cu[-1] != seq_len:
+    if cu[-1] < end:
         raise ValueError(f"lengths do not match cu_seqlens: the documents add up to {cu[-1]} tokens but the "
-                         f"sequence has {seq_len}; make cu_seqlens[-1] equal the (global) sequence length")
-    return seq_len
+                         f"slices passed in reach token {end}; pass the cu_seqlens of the whole (global) sequence")
+    return cu
 
 
-def _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens, seq_len):
+def _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens):
     _check_qkv(q, k_cmp, v_cmp, what="k_cmp")
     if block_len <= 0 or stride <= 0 or stride > block_len:
         raise ValueError(f"need 0 < stride <= block_len, got block_len={block_len}, stride={stride}")
@@ -126,6 +128,25 @@ def _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens, 
                              f"have {need} (per document max(0, (len - block_len) // stride + 1))")
 
 
+def _check_selected_keys(idx, Tk, select_size, q_offset, k_offset, cu_seqlens, cu):
+    """Every key a query may take from its selected blocks must lie in k (the Triton kernels would
+    skip the others). Those keys lie between the start of the query's document and the query, so
+    when k covers that span for every query nothing is read; otherwise idx is."""
+    T = idx.shape[1]
+    doc_start = 0 if cu is None else cu[bisect.bisect_right(cu, q_offset) - 1]  # of the first query
+    if T == 0 or (k_offset <= doc_start and q_offset + T <= k_offset + Tk):
+        return
+    qlay = token_layout(q_offset, T, cu_seqlens, idx.device)
+    pos, start = qlay.pos.view(1, T, 1, 1), qlay.doc_start.view(1, T, 1, 1) - k_offset
+    first = idx.long() * select_size  # in-document position of the block's first key
+    live = (idx >= 0) & (first <= pos)
+    outside = live & ((start + first < 0) | (start + torch.minimum(first + select_size - 1, pos) >= Tk))
+    if bool(outside.any()):  # host sync, only when k does not cover every query's past
+        raise ValueError(f"selection_attention: a selected block lies outside the keys passed in (k covers global "
+                         f"tokens [{k_offset}, {k_offset + Tk})); pass keys that cover every selected block, or "
+                         f"set k_offset, or mark the block -1 in idx")
+
+
 def _scale(scale, q):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -139,8 +160,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len: int = 32, stride: int = 
     and is visible to the query at position `t` iff `i*stride + block_len - 1 <= t`. A query that
     sees none gets 0 and lse = -inf. Returns `(o [B, T, HQ, Dv], lse [B, T, HQ] fp32)`.
     """
-    _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens, seq_len)
-    _check_positions(q, q_offset, 0, 0, cu_seqlens, seq_len)
+    _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens)
+    _check_positions(q, q_offset, 0, 0, cu_seqlens)
     fn = _impl(backend, q.device, "compressed_attention")
     return fn(q, k_cmp, v_cmp, block_len=block_len, stride=stride, scale=_scale(scale, q), q_offset=q_offset,
               cu_seqlens=cu_seqlens)
@@ -158,8 +179,8 @@ def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, selec
     ids of the query's document ascending, -1 for empty slots. Not differentiable (top-n is
     discrete): gradients reach the compression only through the compressed-attention output.
     """
-    _check_compressed(q, k_cmp, k_cmp, block_len, stride, q_offset, cu_seqlens, seq_len)
-    _check_positions(q, q_offset, 0, 0, cu_seqlens, seq_len)
+    _check_compressed(q, k_cmp, k_cmp, block_len, stride, q_offset, cu_seqlens)
+    _check_positions(q, q_offset, 0, 0, cu_seqlens)
     if select_size <= 0 or select_size % stride:
         raise ValueError(f"select_size (l'={select_size}) must be a positive multiple of the compression stride "
                          f"(d={stride})")
@@ -179,17 +200,19 @@ def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | N
     """Attention of each query over the keys of its selected blocks (`idx`), causal inside a block.
 
     Block `b` of the query's document = keys at positions `[b*select_size, (b+1)*select_size)`;
-    only keys at positions <= the query's count. `k`/`v` hold global tokens starting at `k_offset`.
+    only keys at positions <= the query's count. `k`/`v` hold global tokens starting at `k_offset`
+    and must hold every key the query may take from its selected blocks (else ValueError).
     With `return_lse=True` returns `(o, lse [B, T, HQ] fp32)`, lse differentiable, -inf for a query
     with no key: partial attentions over disjoint key sets then merge exactly (the ring exchange).
     """
     _check_qkv(q, k, v)
-    seq_len = _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens, seq_len)
+    cu = _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens)
     if select_size <= 0:
         raise ValueError(f"select_size must be positive, got {select_size}")
     if idx.dim() != 4 or idx.shape[:3] != (q.shape[0], q.shape[1], k.shape[2]) or idx.dtype.is_floating_point:
         raise ValueError(f"idx must be an integer tensor [B, T, H, top_n] = [{q.shape[0]}, {q.shape[1]}, "
                          f"{k.shape[2]}, n], got {tuple(idx.shape)} {idx.dtype}")
+    _check_selected_keys(idx, k.shape[1], select_size, q_offset, k_offset, cu_seqlens, cu)
     fn = _impl(backend, q.device, "selection_attention")
     return fn(q, k, v, idx, select_size=select_size, scale=_scale(scale, q), q_offset=q_offset, k_offset=k_offset,
               cu_seqlens=cu_seqlens, return_lse=return_lse)
@@ -201,7 +224,7 @@ def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, 
     """Sliding-window attention: the query at position `t` sees keys at positions `(t - window, t]`
     of its own document. `k`/`v` start at global token `k_offset` and must cover that window."""
     _check_qkv(q, k, v)
-    _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens, seq_len)
+    _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens)
     if window <= 0:
         raise ValueError(f"window must be positive, got {window} (to drop the sliding-window branch, pass "
                          "window=0 to nsa_attention / NativeSparseAttention instead)")
@@ -226,7 +249,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len: int 
     v_slc = v if v_slc is None else v_slc
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
-    pos = dict(scale=scale, q_offset=q_offset, cu_seqlens=cu_seqlens, seq_len=seq_len, backend=backend)
+    pos = dict(scale=scale, q_offset=q_offset, cu_seqlens=cu_seqlens, backend=backend)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc)) + ((("g_win", g_win),) if window else ()):
         if g is None or g.shape != q.shape[:3]:
             raise ValueError(f"{name} must be [B, T, HQ] = {tuple(q.shape[:3])}, got "
