@@ -54,7 +54,10 @@ def test_model_forward_backward():
     assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # near uniform at init
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    h, hq, kv, d, l, ffn, vocab = 64, 4 * 16, 2 * 16, 16, TINY["block_len"], model.config.ffn_size, 256
+    phi = l * d + (l * d * 2 * d + 2 * d) + (2 * d * d + d)  # positions, then the MLP's two layers
+    per_layer = 2 * h + h * hq + h * 2 * kv + hq * h + (h * 3 * 4 + 3 * 4) + 2 * phi + 3 * h * ffn
+    assert model.num_parameters() == vocab * h + 2 * per_layer + h + h * vocab
 
 
 @pytest.mark.parametrize("kw,message", [

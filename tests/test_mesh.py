@@ -1,21 +1,18 @@
 """The dp x sp mesh (4 gloo ranks), the parallel / zero config groups, and the FLOP count."""
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import run_ranks
+from torch.utils.flop_counter import FlopCounterMode
 
 from nsa_dist.config import run_config
-from nsa_dist.distributed import DistributedContext
 from nsa_dist.engine import ZeroConfig, deepspeed_config
 from nsa_dist.layer import NativeSparseAttention, NSAConfig
-from nsa_dist.mesh import ParallelConfig, build_mesh
 from nsa_dist.metrics import attention_flops, model_flops_per_sequence
 from nsa_dist.model import ModelConfig, NSATransformer
-from nsa_dist.parallel import shard
+from nsa_dist.parallel import SINGLE_RANK_MESH, ExchangeLog, ParallelConfig, build_mesh, shard, unshard
 from nsa_dist.parallelize import parallelize
 
 
@@ -36,56 +33,52 @@ def test_degrees_that_do_not_fit_name_the_fix(dp, sp, world, match):
 
 
 def test_single_process_mesh_needs_no_group():
-    mesh = build_mesh(ParallelConfig(), DistributedContext())
-    assert (mesh.dp, mesh.sp, mesh.rank, mesh.sequence_parallel) == (1, 1, 0, None)
+    mesh = build_mesh(ParallelConfig())  # torch.distributed not initialised: one rank
+    assert mesh is SINGLE_RANK_MESH
+    assert (mesh.dp, mesh.sp, mesh.rank, mesh.sequence_parallel, mesh.grad_group, mesh.device_mesh) == \
+        (1, 1, 0, None, None, None)
     with pytest.raises(ValueError, match="parallel.sp=2 does not fit a job of 1"):
-        build_mesh(ParallelConfig(sp=2), DistributedContext())
+        build_mesh(ParallelConfig(sp=2))
 
 
-def _mesh_rank(rank: int, port: int, errors) -> None:
-    try:
-        os.environ.update({"GLOO_SOCKET_IFNAME": "lo"})
-        torch.set_num_threads(1)  # 4 ranks on a small CI machine
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
-        ctx = DistributedContext(rank=rank, world_size=4, backend="gloo")
-        mesh = build_mesh(ParallelConfig(sp=2, exchange="ring"), ctx)
-        assert (mesh.dp, mesh.sp, mesh.dp_rank, mesh.sp_rank) == (2, 2, rank // 2, rank % 2)
-        assert mesh.rank == rank
-        # dp-major: an sp group is contiguous ranks, a dp group strides by sp.
-        assert dist.get_process_group_ranks(mesh.sp_group) == [2 * (rank // 2), 2 * (rank // 2) + 1]
-        assert dist.get_process_group_ranks(mesh.dp_group) == [rank % 2, rank % 2 + 2]
-        sp = mesh.sequence_parallel
-        assert (sp.size, sp.rank, sp.exchange) == (2, rank % 2, "ring")
+def _mesh_rank(rank: int, world: int) -> None:
+    mesh = build_mesh(ParallelConfig(sp=2, exchange="ring"))
+    assert (mesh.dp, mesh.sp, mesh.dp_rank, mesh.sp_rank) == (2, 2, rank // 2, rank % 2)
+    assert mesh.rank == rank and mesh.device_mesh.mesh_dim_names == ("dp", "sp")
+    # dp-major: an sp group is contiguous ranks, a dp group strides by sp; gradients meet over all ranks.
+    assert dist.get_process_group_ranks(mesh.sp_group) == [2 * (rank // 2), 2 * (rank // 2) + 1]
+    assert dist.get_process_group_ranks(mesh.dp_group) == [rank % 2, rank % 2 + 2]
+    assert dist.get_process_group_ranks(mesh.grad_group) == list(range(world))
+    sp = mesh.sequence_parallel
+    assert (sp.size, sp.rank, sp.exchange) == (2, rank % 2, "ring")
 
-        # parallelize: the same shard logits as passing sp by hand, and the same gradients when checkpointed.
-        torch.manual_seed(0)
-        config, nsa = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16), \
-            NSAConfig(block_len=8, stride=4, select_size=16, top_n=3, window=16)
-        tokens = shard(torch.randint(0, 256, (1, 128)), sp)
-        model = NSATransformer(config, nsa)
-        expected = model(tokens, sp=sp)
-        expected.square().mean().backward()
-        twin = copy.deepcopy(model)
-        twin.zero_grad()
-        parallelize(twin, mesh, activation_checkpointing=True)
-        got = twin(tokens)
-        got.square().mean().backward()
-        assert torch.equal(got, expected) and twin.activation_checkpointing
-        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
-            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
-        dist.destroy_process_group()
-    except BaseException as e:
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
+    # parallelize with checkpointing: the shard logits and the gradients averaged over grad_group equal
+    # the full sequence on one rank (both replicas train on the same tokens here).
+    torch.manual_seed(0)
+    config, nsa = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16), \
+        NSAConfig(block_len=8, stride=4, select_size=16, top_n=3, window=16)
+    tokens = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(1))
+    model = NSATransformer(config, nsa)
+    expected = model(tokens)
+    expected.square().mean().backward()
+    twin = copy.deepcopy(model)
+    twin.zero_grad()
+    log = ExchangeLog()
+    parallelize(twin, mesh, activation_checkpointing=True, exchange_log=log)
+    got = twin(shard(tokens, sp))
+    assert [s.mode for s in log.pop()] == ["ring"] * 2
+    (got.square().sum() / expected.numel()).backward()
+    assert len(log.pop()) == 2, "the backward did not recompute the two NSA layers"
+    full = unshard(got.detach(), sp)
+    assert (full - expected).norm() / expected.norm() < 1e-5
+    scale = max(float(p.grad.norm()) for p in model.parameters())
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        dist.all_reduce(b.grad, group=mesh.grad_group)
+        assert torch.allclose(b.grad / mesh.dp, a.grad, rtol=1e-4, atol=1e-6 * scale), name
 
 
 def test_four_ranks_lay_out_dp_major():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    errors = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_mesh_rank, args=(port, errors), nprocs=4, start_method="spawn", join=True)
-    assert errors.empty(), errors.get()
+    run_ranks(_mesh_rank, 4)
 
 
 @pytest.mark.parametrize("option,stage", [("none", None), ("stage1", 1), ("stage2", 2), ("stage3", 3)])
@@ -154,4 +147,20 @@ def test_attention_flops_count_the_causal_work():
     # DESIGN.md's floor for the paper's config at 64k, HQ=64, D=128: 4.4 + 2.2 + 2.2 + 1.1 ≈ 1e13 forward.
     paper_shape = ModelConfig(num_heads=64, num_kv_heads=4, head_dim=128)
     assert attention_flops(65536, paper_shape, NSAConfig()) == pytest.approx(9.9e12, rel=0.02)
-    assert model_flops_per_sequence(T, model, nsa) == 3 * model_flops_per_sequence(T, model, nsa, training=False)
+
+
+@pytest.mark.parametrize("nsa", [NSAConfig(block_len=16, stride=8, select_size=32, top_n=3, window=32),
+                                 NSAConfig(block_len=16, stride=8, select_size=32, top_n=3, window=0,
+                                           separate_kv=True, compression="mean")])
+def test_model_flops_count_the_matrix_products_a_forward_runs(nsa):
+    """Beyond attention (and φ's position add, an elementwise op), the forward count is the projections,
+    gates, φ's MLP, SwiGLU and the head: what torch's FLOP counter sees in mm / addmm."""
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    T = 128
+    with FlopCounterMode(display=False) as counter:
+        NSATransformer(config, nsa)(torch.randint(0, 64, (1, T)))
+    counted = {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    position_add = 2 * 2 * nsa.block_len * config.head_dim * config.num_kv_heads * ((T - nsa.block_len) // nsa.stride + 1)
+    beyond_attention = (model_flops_per_sequence(T, config, nsa, training=False)
+                        - config.num_layers * (attention_flops(T, config, nsa) + position_add))
+    assert counted["mm"] + counted["addmm"] == beyond_attention
