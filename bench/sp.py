@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_dist import NativeSparseAttention
-from nsa_dist.parallel import SequenceParallel
+from nsa_dist.parallel import ExchangeLog, SequenceParallel
 
 
 def parse_tokens(s: str) -> list[int]:
@@ -74,8 +74,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(layer, x, device, warmup, iters, sp=None) -> float:
-    """Median seconds of one forward + backward of `layer` on `x` (the slowest rank's, with `sp`)."""
+def time_step(layer, x, device, warmup, iters, sp=None, log=None) -> float:
+    """Median seconds of one forward + backward of `layer` on `x` (the slowest rank's, with `sp`); with
+    `log`, each call's byte counts go there."""
     times = []
     for i in range(warmup + iters):
         x.grad = None
@@ -84,7 +85,7 @@ def time_step(layer, x, device, warmup, iters, sp=None) -> float:
             dist.barrier(group=sp.group)
         sync(device)
         t0 = time.perf_counter()
-        y = layer(x, sp=sp) if sp is not None else layer(x)
+        y = layer(x, sp=sp, log=log)
         y.backward(torch.ones_like(y))
         sync(device)
         if i >= warmup:
@@ -166,20 +167,20 @@ def run_single(layer, n, args, device, dtype) -> dict:
 
 def run_sharded(layer, n, sp, args, device, dtype) -> dict:
     gen = torch.Generator(device=device).manual_seed(1000 + sp.rank)
+    log = ExchangeLog()
     try:
         x = torch.randn(1, n // sp.size, args.hidden, device=device, dtype=dtype, generator=gen, requires_grad=True)
-        seconds = time_step(layer, x, device, args.warmup, args.iters, sp)
+        seconds = time_step(layer, x, device, args.warmup, args.iters, sp, log)
         oom = 0
     except torch.OutOfMemoryError:
         seconds, oom = None, 1
     except NotImplementedError as e:  # raised on every rank alike, before any exchange of the step
-        sp.pop_stats()
         return dict(seconds=None, error=f"not implemented: {str(e)[:80]}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if summed([oom], sp, device)[0]:
         return dict(seconds=None, error="out of memory")
-    last = sp.pop_stats()[-1]
+    last = log.pop()[-1]
     sent, allgather, halo, cmp, fell = summed([last.exchange_bytes, last.allgather_bytes, last.halo_bytes,
                                                last.compressed_bytes, int(last.fell_back)], sp, device)
     return dict(seconds=seconds, mode=last.mode, exchange_bytes=sent, allgather_bytes=allgather, halo_bytes=halo,

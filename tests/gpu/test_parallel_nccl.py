@@ -7,25 +7,17 @@ queries: the tolerance is on the relative norm over the whole tensor.
 """
 from __future__ import annotations
 
-import datetime
-import socket
-import traceback
+import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 TOL_OUT = 3e-2
 TOL_GRAD = 5e-2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rel(a, b, floor=0.0):
@@ -37,9 +29,9 @@ def rel(a, b, floor=0.0):
 def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all_to_all", fallback=False,
                backend="auto", seed=0, **nsa):
     from nsa_dist import NativeSparseAttention
-    from nsa_dist.parallel import shard, unshard
+    from nsa_dist.parallel import ExchangeLog, shard, unshard
 
-    sp.exchange, sp.fallback = exchange, fallback
+    sp = dataclasses.replace(sp, exchange=exchange, fallback=fallback, validate=False)
     torch.manual_seed(seed)
     ref_layer = NativeSparseAttention(256, heads, kv_heads, 64, backend="torch", **nsa).cuda()
     layer = NativeSparseAttention(256, heads, kv_heads, 64, backend=backend, **nsa).cuda()
@@ -55,7 +47,8 @@ def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all
     (y_ref * dy).sum().backward()
 
     x_bf = x.to(torch.bfloat16).requires_grad_()
-    y_local = layer(shard(x_bf, sp), cu_seqlens=cu_seqlens, sp=sp)
+    log = ExchangeLog()
+    y_local = layer(shard(x_bf, sp), cu_seqlens=cu_seqlens, sp=sp, log=log)
     (y_local.float() * shard(dy, sp)).sum().backward()
     errs = {"out": (rel(unshard(y_local.detach(), sp), y_ref), TOL_OUT)}
     dist.all_reduce(x_bf.grad, group=sp.group)
@@ -70,46 +63,28 @@ def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all
         errs[f"d{n}"] = (rel(grad, ref_grads[n].grad, floor), TOL_GRAD)
     bad = {k: round(e, 5) for k, (e, tol) in errs.items() if not e < tol}
     assert not bad, f"{name} (P={sp.size}, rank {sp.rank}): relative errors above tolerance: {bad}"
-    (stats,) = sp.pop_stats()
+    (stats,) = log.pop()
     return stats
 
 
-def worker(rank, world, port, errors):
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=300))
-        from nsa_dist.parallel import SequenceParallel
+def run_cases(rank, world):
+    from nsa_dist.parallel import SequenceParallel
 
-        sp = SequenceParallel()
-        T = 1024 * world  # chunks of 512 tokens; the window of 768 reaches over one chunk
-        base = dict(seq_len=T, block_len=32, stride=16, select_size=64, top_n=8, window=768)
-        check_case(sp, "G=4", heads=8, kv_heads=2, **base)
-        check_case(sp, "G=1, odd heads", heads=5, kv_heads=5, **base)
-        check_case(sp, "packed documents", cu=[0, 300, T // 2 + 77, T - 200, T], heads=8, kv_heads=2, **base)
-        check_case(sp, "all-gather baseline", exchange="all_gather", **base)
-        check_case(sp, "ring", exchange="ring", **base)
-        local = check_case(sp, "local selection, auto fallback", fallback=True, **{**base, "top_n": 3})
-        assert local.exchange_bytes < local.allgather_bytes, local
-        dist.barrier()
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sp = SequenceParallel()
+    T = 1024 * world  # chunks of 512 tokens; the window of 768 reaches over one chunk
+    base = dict(seq_len=T, block_len=32, stride=16, select_size=64, top_n=8, window=768)
+    check_case(sp, "G=4", heads=8, kv_heads=2, **base)
+    check_case(sp, "G=1, odd heads", heads=5, kv_heads=5, **base)
+    check_case(sp, "packed documents", cu=[0, 300, T // 2 + 77, T - 200, T], heads=8, kv_heads=2, **base)
+    check_case(sp, "all-gather baseline", exchange="all_gather", **base)
+    check_case(sp, "ring", exchange="ring", **base)
+    local = check_case(sp, "local selection, auto fallback", fallback=True, **{**base, "top_n": 3})
+    assert local.exchange_bytes < local.allgather_bytes, local
+    dist.barrier()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sequence_parallel_nccl_matches_one_gpu(world):
     if not torch.cuda.is_available() or torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA devices")
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.spawn(worker, args=(world, free_port(), errors), nprocs=world, join=True)
-    except Exception:
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("\n".join(msgs) or "a rank failed without a traceback")
+    run_ranks(run_cases, world, backend="nccl")
