@@ -80,7 +80,8 @@ class NSATransformer(nn.Module):
     """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every NSA layer.
 
     With `sp=SequenceParallel(...)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
-    and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global.
+    and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global, and
+    `log=ExchangeLog()` collects each layer's byte counts.
     With `activation_checkpointing`, training keeps only each layer's input and recomputes the layer
     in the backward (its exchanges included: every rank recomputes the same layers in the same order).
     """
