@@ -12,6 +12,8 @@ Rows (B = 1, D = 128, bf16, causal; median ms of `triton.testing.do_bench`, fwd 
   paper_g4 / cudnn_g4   HQ=16, H=4 (G=4);   paper_g1 / cudnn_g1   HQ=4, H=4 (G=1)
   parts      nsa_dist's ops one at a time in the paper configuration (where the time goes)
   --profile  GPU time per kernel of the paper layer's fwd+bwd (torch.profiler), per iteration
+  --tune     each entry of the kernels' tuning table (kernels/nsa/tuning.py) at its candidates in
+             turn, the others at their defaults, through `tuning.override` (no environment variables)
 nsa_dist's compression is mean pooling of the K/V blocks *inside* the timed region (a strided
 view and a mean: memory-bound and small next to attention), so its gradient reaches k and v.
 Anything that fails (out of memory, a missing package) is recorded as "skipped: reason".
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -115,41 +116,49 @@ def parts_cases(T, device):
     }
 
 
-TUNE = {  # env knob of triton_ops -> candidate settings; the first is the default
-    "NSA_TRITON_DENSE_DKDV": ["64,64,4,2,rows", "64,64,4,3,rows", "64,32,4,2,rows", "64,128,8,2,rows",
-                              "64,64,8,2,rows", "32,128,8,2,keys"],
-    "NSA_TRITON_DENSE_DQ": ["64,64,4,2", "64,64,4,3", "64,128,4,2", "128,64,8,2"],
-    "NSA_TRITON_DENSE_FWD": ["128,64,8,3", "64,64,4,2", "64,64,4,3", "64,128,4,2", "128,128,8,2"],
-    "NSA_TRITON_SELECT": ["64,64,4,2", "64,64,4,3", "128,64,8,2", "128,64,4,2"],
-    "NSA_TRITON_TOPN": ["1024,4", "2048,4", "4096,4", "512,4"],
-    "NSA_TRITON_SEL": ["4,3,16", "4,2,16"],
-    "NSA_TRITON_SEL_DKDV": ["32,4,2", "16,4,2", "64,8,2", "32,4,3"],
-}
+def tune_candidates():
+    """Entry of kernels/nsa/tuning.py -> (the parts it affects, candidates; the first is sm_90's default).
+    The paper configuration has D = 128 and l' > d, so the `_wide` and `select_r1` entries never run."""
+    from nsa_dist.kernels.nsa.tuning import DenseTile, ScoreTile, SelTile, TopNTile
+    dense = ("compressed", "window")
+    return {
+        "dense_dkdv": (dense, [DenseTile(64, 64, 4, 2), DenseTile(64, 64, 4, 3), DenseTile(64, 32, 4, 2),
+                               DenseTile(64, 128, 8, 2), DenseTile(64, 64, 8, 2),
+                               DenseTile(32, 128, 8, 2, rows_major=False)]),
+        "dense_dq": (dense, [DenseTile(64, 64, 4, 2), DenseTile(64, 64, 4, 3), DenseTile(64, 128, 4, 2),
+                             DenseTile(128, 64, 8, 2)]),
+        "dense_fwd": (dense, [DenseTile(128, 64, 8, 3), DenseTile(64, 64, 4, 2), DenseTile(64, 64, 4, 3),
+                              DenseTile(64, 128, 4, 2), DenseTile(128, 128, 8, 2)]),
+        "select": (("select",), [ScoreTile(64, 64, 4, 2), ScoreTile(64, 64, 4, 3), ScoreTile(128, 64, 8, 2),
+                                 ScoreTile(128, 64, 4, 2)]),
+        "topn": (("select",), [TopNTile(1024, 4), TopNTile(2048, 4), TopNTile(4096, 4), TopNTile(512, 4)]),
+        "sel": (("selection",), [SelTile(16, 4, 3), SelTile(16, 4, 2)]),
+        "sel_dkdv": (("selection",), [SelTile(32, 4, 2), SelTile(16, 4, 2), SelTile(64, 8, 2), SelTile(32, 4, 3)]),
+    }
 
 
 def tune(T, args, device):
-    """Each knob's candidates in turn (others at default), timed on the ops they affect."""
+    """Each entry's candidates in turn (others at default), timed on the ops they affect."""
+    from nsa_dist.kernels.nsa import tuning
     out = []
     parts = parts_cases(T, device)
-    ops = {"NSA_TRITON_DENSE_DKDV": ("compressed", "window"), "NSA_TRITON_DENSE_DQ": ("compressed", "window"),
-           "NSA_TRITON_DENSE_FWD": ("compressed", "window"), "NSA_TRITON_SELECT": ("select",),
-           "NSA_TRITON_TOPN": ("select",), "NSA_TRITON_SEL_DKDV": ("selection",),
-           "NSA_TRITON_SEL": ("selection",)}
-    for knob, values in TUNE.items():
-        if args.tune_knobs and knob[11:] not in args.tune_knobs.split(","):
+    wanted = {x.strip().lower() for x in args.tune_knobs.split(",")} if args.tune_knobs else None
+    for entry, (ops, values) in tune_candidates().items():
+        if wanted and entry not in wanted:
             continue
         for value in values:
-            os.environ[knob] = value
-            for op in ops[knob]:
+            label = ",".join({True: "rows", False: "keys"}.get(x, str(x)) if isinstance(x, bool) else str(x)
+                             for x in value)
+            for op in ops:
                 f, lv = parts[op]
+                row = f"tune:{entry}={label}:{op}"
                 try:
-                    t_f, t_fb = measure(f, lv, args)
-                    out.append(dict(row=f"tune:{knob[11:]}={value}:{op}", T=T, fwd_ms=t_f, fwdbwd_ms=t_fb))
+                    with tuning.override(**{entry: value}):
+                        t_f, t_fb = measure(f, lv, args)
+                    out.append(dict(row=row, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb))
                 except Exception as e:
-                    out.append(dict(row=f"tune:{knob[11:]}={value}:{op}", T=T,
-                                    note=f"skipped: {type(e).__name__}: {str(e)[:100]}"))
+                    out.append(dict(row=row, T=T, note=f"skipped: {type(e).__name__}: {str(e)[:100]}"))
                 print(table(out[-1:]).splitlines()[-1], flush=True)
-        os.environ.pop(knob)
     return out
 
 
@@ -264,7 +273,7 @@ def main():
     p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
     p.add_argument("--profile", default=None, help="per-kernel GPU time of the paper layer at these lengths")
     p.add_argument("--tune", default=None, help="time the kernels' tile-size candidates at this length, e.g. 64k")
-    p.add_argument("--tune-knobs", default=None, help="only these knobs, e.g. SELECT,DENSE_DKDV")
+    p.add_argument("--tune-knobs", default=None, help="only these entries of the tuning table, e.g. select,dense_dkdv")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
