@@ -200,8 +200,8 @@ def projection_table(projections: list[dict]) -> str:
 
 
 def comparison_table(runs: list[Run], projections: list[dict]) -> str | None:
-    header = ["run", "P", "N", "tokens/s measured", "projected", "Δ", "exchanged MB measured", "projected", "Δ",
-              "all-gather MB measured", "projected", "Δ"]
+    header = ["run", "P", "N"] + [f"{what} {kind}" for what in ("tokens/s", "exchanged MB", "all-gather MB")
+                                  for kind in ("measured", "projected", "Δ")]
     rows = []
     for run in runs:
         proj = projection_for(run, projections)
@@ -256,6 +256,8 @@ def plot_speedup(runs, projections, out: Path) -> Path | None:
         ax.plot(*zip(*sorted(pts)), "o-", label=f"measured N={N}")
     for N, pts in sorted(projected.items()):
         ax.plot(*zip(*sorted(pts)), "s:", mfc="none", label=f"projected N={N}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_P, [str(P) for P in all_P])
     ax.set_xlabel("P (sequence-parallel ranks)")
     ax.set_ylabel("speed-up over P = 1")
     ax.legend(fontsize=8)
@@ -278,6 +280,9 @@ def plot_tokens_per_gpu(runs, projections, out: Path) -> Path | None:
         ax.plot(*zip(*sorted(pts)), "o-", label=f"measured N={N}")
     for N, pts in sorted(projected.items()):
         ax.plot(*zip(*sorted(pts)), "s:", mfc="none", label=f"projected N={N}")
+    all_P = sorted({P for v in [*points.values(), *projected.values()] for P, _ in v})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_P, [str(P) for P in all_P])
     ax.set_xlabel("P (sequence-parallel ranks)")
     ax.set_ylabel("tokens/s per GPU")
     ax.set_yscale("log")
@@ -296,7 +301,9 @@ def plot_time_split(runs, out: Path) -> Path | None:
     for part in ("compute", *COMM_TIMERS):
         heights = [1e3 * (s[part] or 0.0) for _, s in splits]
         if any(s[part] is not None for _, s in splits):
-            ax.bar(labels, heights, bottom=bottom, label=part)
+            timed_comm = any(s[c] is not None for _, s in splits for c in COMM_TIMERS)
+            label = part if part != "compute" or timed_comm else "forward + backward + optimizer (comm. included)"
+            ax.bar(labels, heights, bottom=bottom, label=label)
             bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("ms per step")
     ax.legend(fontsize=8)
