@@ -1,7 +1,6 @@
 """Every config group and launcher entry composes and instantiates; launch requests that cannot be met
 fail at once with a message that names the fix. Nothing here needs a running Slurm or Ray."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,14 @@ from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext
+from multirank import free_port
 from omegaconf import OmegaConf
 
 from nsa_dist.config import RunConfig, run_config
-from nsa_dist.distributed import LauncherConfig, launcher_config, split_address
-from nsa_dist.launchers import LaunchCheck, _gpus_in_gres, check_slurm_request
+from nsa_dist.launch import LauncherConfig
+from nsa_dist.launch.address import split_address
+from nsa_dist.launch.launch_check import LaunchCheck
+from nsa_dist.launch.slurm import check_slurm_request, gpus_in_gres
 from nsa_dist.train import main
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -44,19 +46,13 @@ def instantiate_hydra_plugins(*overrides):
     return cfg, launcher, callbacks
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_launcher_group_has_every_kind():
     assert set(options("launcher")) >= {"local", "torchrun", "ray", "slurm", "slurm_gpu"}
     assert set(options("hydra/launcher")) >= {"nsa_ray", "nsa_slurm"}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "nsa", "data", "trainer", "launcher")
-                                          for o in options(g)])
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "nsa", "data", "trainer", "parallel", "zero",
+                                                            "launcher", "experiment") for o in options(g)])
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
     overrides = [f"{group}={option}", f"hydra.sweep.dir={tmp_path}", "hydra.job.name=compose"]
     if group == "data" and option != "passkey":
@@ -64,8 +60,9 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         data_file.write_bytes(bytes(range(256)) * 8)
         overrides.append(f"data.path={data_file}")
     cfg, hydra_launcher, callbacks = instantiate_hydra_plugins(*overrides)
-    assert isinstance(run_config(cfg), RunConfig)
-    launcher = launcher_config(cfg)
+    run = run_config(cfg)
+    assert isinstance(run, RunConfig)
+    launcher = run.launcher
     assert isinstance(launcher, LauncherConfig)
     expected = {"slurm": "SlurmLauncher", "slurm_gpu": "SlurmLauncher", "ray": "RayLauncher"}
     if group == "launcher":
@@ -89,13 +86,13 @@ def test_slurm_gpu_runs_one_task_per_gpu():
 
 def test_unknown_launcher_setting_names_the_choices():
     cfg = compose_with_hydra("launcher=ray", "+launcher.num_gpus=2")
-    with pytest.raises(ValueError, match="unknown setting launcher.num_gpus"):
-        launcher_config(cfg)
+    with pytest.raises(ValueError, match="unknown setting launcher.num_gpus: launcher takes kind, backend"):
+        run_config(cfg)
 
 
 @pytest.mark.parametrize("gres,gpus", [("(null)", 0), ("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4), ("gpu:2,tmp:1", 2)])
 def test_gpu_count_from_slurm_gres(gres, gpus):
-    assert _gpus_in_gres(gres) == gpus
+    assert gpus_in_gres(gres) == gpus
 
 
 def test_split_address():
@@ -119,7 +116,7 @@ def test_slurm_outside_slurm_says_how_to_submit(tmp_path, monkeypatch):
 
 
 def test_unreachable_ray_address_fails_in_seconds(tmp_path):
-    port = closed_port()
+    port = free_port()
     cfg = compose_with_hydra("launcher=ray", f"launcher.address=127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
@@ -128,7 +125,7 @@ def test_unreachable_ray_address_fails_in_seconds(tmp_path):
 
 
 def test_unreachable_ray_address_fails_the_sweep_in_seconds(tmp_path):
-    port = closed_port()
+    port = free_port()
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "nsa_dist.train", "-m", "launcher=ray",
                            f"launcher.address=127.0.0.1:{port}", f"hydra.sweep.dir={tmp_path / 'sweep'}",

@@ -1,0 +1,49 @@
+"""The `launcher` section of the run config (conf/launcher/*.yaml): how the ranks of one job start."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("local", "torchrun", "ray", "slurm")
+BACKENDS = ("auto", "gloo", "nccl")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """One flat section for every kind; each kind reads only its own fields."""
+
+    kind: str = "local"
+    backend: str = "auto"
+    timeout_s: float = 600.0  # a collective waiting longer than this raises instead of hanging
+    # torchrun: ranks started by torch's elastic agent
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = "127.0.0.1:0"
+    rdzv_backend: str = "c10d"
+    rdzv_id: str = "nsa_dist"
+    rdzv_timeout_s: float = 600.0
+    max_restarts: int = 0
+    # ray: ranks are actors in one placement group
+    num_workers: int = 1
+    address: str | None = None
+    use_gpu: bool | str = "auto"
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+    placement_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    loopback: bool = True
+
+    def validate(self) -> "LauncherConfig":
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown launcher.kind={self.kind!r}: choose launcher=local|torchrun|ray|slurm")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown launcher.backend={self.backend!r}: choose one of {BACKENDS}")
+        for name in ("nproc_per_node", "nnodes", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"launcher.{name} must be at least 1, got {getattr(self, name)}")
+        if self.use_gpu not in (True, False, "auto"):
+            raise ValueError(f"launcher.use_gpu must be true, false or auto, got {self.use_gpu!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"unknown launcher.placement_strategy={self.placement_strategy!r}: "
+                             f"choose one of {PLACEMENT_STRATEGIES}")
+        return self
