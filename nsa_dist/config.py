@@ -1,25 +1,26 @@
-"""The composed Hydra config turned into plain frozen dataclasses, once, with errors that say the fix.
+"""The run config: one dataclass per config group, registered with Hydra as schemas, converted once.
 
-`run_config(cfg)` is the only place that reads a `DictConfig`; everything below it takes the
-dataclass of its own section (`ModelConfig`, `NSAConfig`, `DataConfig`, `TrainConfig`,
-`ParallelConfig`, `ZeroConfig`). `parallel` and `zero` may be absent: one replica, plain torch.
+Each group of nsa_dist.conf names its schema first in its defaults list (`defaults: [model_schema,
+_self_]`) and states only what differs from the dataclass's defaults; `config.yaml` starts from
+`run_schema`, the whole `RunConfig`. Hydra therefore rejects an unknown key or a value of the wrong
+type while composing, and `run_config(cfg)` — the only place that reads a `DictConfig` — turns the
+composed config into a validated `RunConfig` with `OmegaConf.to_object`. Everything below it takes
+the dataclass of its own section.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from nsa_dist.data import DataConfig
 from nsa_dist.engine import ZeroConfig
+from nsa_dist.launch.config import LauncherConfig
 from nsa_dist.layer import NSAConfig
-from nsa_dist.mesh import ParallelConfig
 from nsa_dist.model import ModelConfig
-from nsa_dist.parallel import check_length
+from nsa_dist.parallel import ParallelConfig, check_length
 
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
@@ -78,88 +79,91 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
-    nsa: NSAConfig
-    data: DataConfig
-    trainer: TrainConfig
-    parallel: ParallelConfig = ParallelConfig()
-    zero: ZeroConfig = ZeroConfig()
+    """Everything one run reads; `launcher` only decides how its ranks start."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def validate(self) -> "RunConfig":
+        """Raises ValueError naming the bad key and the fix; returns self."""
+        try:
+            self.model.validate()
+        except ValueError as e:
+            raise ValueError(f"{e}: fix the model.* override or pick a preset (model=tiny|small|base)") from e
+        try:
+            self.nsa.validate()
+        except ValueError as e:
+            raise ValueError(f"{e}: fix the nsa.* override or pick a preset (nsa=paper|fla|tiny)") from e
+        for section in (self.data, self.trainer, self.parallel, self.zero, self.launcher):
+            section.validate()
+        self._check_consistent()
+        return self
+
+    def _check_consistent(self) -> None:
+        seq_len, select_size = self.data.seq_len, self.nsa.select_size
+        if seq_len % select_size:
+            fit = max(select_size, seq_len // select_size * select_size)
+            raise ValueError(f"data.seq_len={seq_len} is not a multiple of nsa.select_size={select_size}: "
+                             f"use e.g. data.seq_len={fit}")
+        if self.parallel.sp > 1:
+            try:
+                check_length(seq_len, self.parallel.sp, multiple=select_size, what=f"data.seq_len={seq_len}")
+            except ValueError as e:
+                raise ValueError(f"parallel.sp={self.parallel.sp}: {e}") from e
+        if self.data.kind in ("passkey", "text") and self.model.vocab_size < 256:
+            raise ValueError(f"data={self.data.kind} is byte-level: model.vocab_size must be at least 256, "
+                             f"got {self.model.vocab_size}")
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(RunConfig)}
+
+
+def schema(cls) -> DictConfig:
+    """`cls` as a Hydra schema node. A frozen dataclass makes a read-only node, which config files
+    could not override; the dataclass built from the composed config is frozen again."""
+    node = OmegaConf.structured(cls)
+    _make_writable(node)
+    return node
+
+
+def _make_writable(node: DictConfig) -> None:
+    OmegaConf.set_readonly(node, None)
+    for child in node.values():
+        if isinstance(child, DictConfig):
+            _make_writable(child)
+
+
+def register_schemas() -> None:
+    """`run_schema` for config.yaml and `<group>_schema` in each group, for the files' defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=schema(RunConfig))
+    for group, cls in SECTIONS.items():
+        store.store(group=group, name=f"{group}_schema", node=schema(cls))
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
-    """Convert and validate the composed config; raises ValueError naming the bad key and the fix."""
-    sections = {"model": ModelConfig, "nsa": NSAConfig, "data": DataConfig, "trainer": TrainConfig}
-    missing = [name for name in sections if name not in cfg]
-    if missing:
-        raise ValueError(f"config has no {', '.join(missing)} section: compose it from nsa_dist.conf/config.yaml")
-    optional = {"parallel": ParallelConfig, "zero": ZeroConfig}
-    sections.update({name: cls for name, cls in optional.items() if cfg.get(name) is not None})
-    built = {name: _dataclass_from(cls, cfg[name], name) for name, cls in sections.items()}
+    """The validated `RunConfig` of a composed config (its `hydra` node, if any, is left out).
+
+    Raises ValueError naming the bad key and the fix.
+    """
     try:
-        built["model"].validate()
-    except ValueError as e:
-        raise ValueError(f"{e}: fix the model.* override or pick a preset (model=tiny|small|base)") from e
-    try:
-        built["nsa"].validate()
-    except ValueError as e:
-        raise ValueError(f"{e}: fix the nsa.* override or pick a preset (nsa=paper|fla|tiny)") from e
-    built["data"].validate()
-    built["trainer"].validate()
-    for name in optional:
-        if name in built:
-            built[name].validate()
-    run = RunConfig(**built)
-    _check_consistent(run)
-    return run
-
-
-def _check_consistent(run: RunConfig) -> None:
-    seq_len, select_size = run.data.seq_len, run.nsa.select_size
-    if seq_len % select_size:
-        fit = max(select_size, seq_len // select_size * select_size)
-        raise ValueError(f"data.seq_len={seq_len} is not a multiple of nsa.select_size={select_size}: "
-                         f"use e.g. data.seq_len={fit}")
-    if run.parallel.sp > 1:
-        try:
-            check_length(seq_len, run.parallel.sp, multiple=select_size, what=f"data.seq_len={seq_len}")
-        except ValueError as e:
-            raise ValueError(f"parallel.sp={run.parallel.sp}: {e}") from e
-    if run.data.kind in ("passkey", "text") and run.model.vocab_size < 256:
-        raise ValueError(f"data={run.data.kind} is byte-level: model.vocab_size must be at least 256, "
-                         f"got {run.model.vocab_size}")
-
-
-def _dataclass_from(cls, node, section: str):
-    if not isinstance(node, DictConfig):
-        raise ValueError(f"config section {section!r} must be a mapping, got {node!r}")
-    try:
-        values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+        # Plain values, so that the schema judges every key: a composed node would bring along keys that
+        # `+group.key=value` appended to it.
+        sections = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in SECTIONS if k in cfg]))
+        typed = OmegaConf.merge(schema(RunConfig), sections)
+        run = OmegaConf.to_object(typed)
     except MissingMandatoryValue as e:
-        raise ValueError(f"{section}.{e.key} has no value: set it on the command line ({section}.{e.key}=...)") from e
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown setting {section}.{unknown[0]}: {section} takes {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{name: _coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()})
-
-
-def _coerce(value, hint, key: str):
-    """Check `value` against the field's annotation; ints pass where floats are expected."""
-    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    allowed = typing.get_args(hint) if is_union else (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ValueError(f"{key} needs a value, got null")
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise ValueError(f"{key} must be {names}, got {value!r}")
+        raise ValueError(f"{e.full_key} has no value: set it on the command line ({e.full_key}=...)") from e
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        section = str(e.full_key).split(".")[0]
+        known = ", ".join(f.name for f in fields(SECTIONS[section])) if section in SECTIONS else ", ".join(SECTIONS)
+        raise ValueError(f"unknown setting {e.full_key}: {section} takes {known}") from e
+    except OmegaConfBaseException as e:
+        reason = str(e.msg).splitlines()[0]
+        raise ValueError(f"{e.full_key}: {reason}: fix the {e.full_key} override") from e
+    return run.validate()

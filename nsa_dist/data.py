@@ -31,7 +31,7 @@ class DataConfig:
     token_dtype: str = "uint16"
     passkey_digits: int = 5
 
-    def validate(self) -> None:
+    def validate(self) -> "DataConfig":
         if self.kind not in DATA_KINDS:
             raise ValueError(f"unknown data.kind={self.kind!r}: choose one of {DATA_KINDS} "
                              f"(data=passkey, data=text or data=tokens)")
@@ -51,6 +51,7 @@ class DataConfig:
             if self.seq_len + 1 < shortest:
                 raise ValueError(f"data.seq_len={self.seq_len} cannot hold the passkey needle and question "
                                  f"({shortest} bytes with {self.passkey_digits} digits): raise data.seq_len")
+        return self
 
 
 @dataclass(frozen=True)

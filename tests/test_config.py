@@ -1,20 +1,38 @@
+import dataclasses
 import subprocess
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
+import yaml
+from hydra.errors import ConfigCompositionException
 
-from nsa_dist.config import RunConfig, run_config
-from nsa_dist.data import DataConfig
-from nsa_dist.layer import NSAConfig
-from nsa_dist.model import ModelConfig
+from nsa_dist.config import SECTIONS, RunConfig, run_config
 
-GROUPS = ("model", "nsa", "data", "trainer")
+CONF = files("nsa_dist.conf")
+GROUPS = ("model", "nsa", "data", "trainer", "parallel", "zero", "launcher")
 
 
 def group_options(group):
-    return sorted(p.name[:-len(".yaml")] for p in files("nsa_dist.conf").joinpath(group).iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(p.name[:-len(".yaml")] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+
+
+def stated(group, option):
+    """The values a group file sets itself, without its defaults list."""
+    values = yaml.safe_load(CONF.joinpath(group, f"{option}.yaml").read_text()) or {}
+    values.pop("defaults", None)
+    if group == "launcher":  # `# @package _global_`: its own section sits under `launcher:`
+        values = values.get("launcher", {})
+    return values
+
+
+def with_data_file(tmp_path, group, option):
+    if group == "data" and option != "passkey":
+        data_file = tmp_path / "data.bin"
+        data_file.write_bytes(bytes(range(256)) * 8)
+        return [f"data.path={data_file}"]
+    return []
 
 
 def test_every_group_has_its_documented_options():
@@ -22,20 +40,58 @@ def test_every_group_has_its_documented_options():
     assert set(group_options("nsa")) >= {"paper", "fla", "tiny"}
     assert set(group_options("data")) >= {"passkey", "text", "tokens"}
     assert set(group_options("trainer")) >= {"cpu", "gpu"}
+    assert set(group_options("experiment")) >= {"smoke"}
+
+
+def test_every_config_file_is_one_these_tests_compose():
+    """A new group or file outside the groups above would otherwise go untested."""
+    root = Path(str(CONF))
+    found = {p.relative_to(root).as_posix() for p in root.rglob("*.yaml")}
+    covered = {"config.yaml"} | {f"{g}/{o}.yaml" for g in (*GROUPS, "experiment") for o in group_options(g)}
+    # Hydra's sweep launchers, selected by launcher=ray|slurm and instantiated in tests/test_launch_config.py.
+    covered |= {"hydra/launcher/nsa_ray.yaml", "hydra/launcher/nsa_slurm.yaml"}
+    assert found == covered
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
-def test_every_group_option_composes_and_converts(compose_config, tmp_path, group, option):
-    data_file = tmp_path / "data.bin"
-    data_file.write_bytes(bytes(range(256)) * 8)
-    overrides = [f"{group}={option}"]
-    if group == "data" and option != "passkey":
-        overrides.append(f"data.path={data_file}")
-    run = run_config(compose_config(*overrides))
+def test_every_group_file_converts_to_its_dataclass_with_the_values_it_states(compose_config, tmp_path, group,
+                                                                              option):
+    run = run_config(compose_config(f"{group}={option}", *with_data_file(tmp_path, group, option)))
     assert isinstance(run, RunConfig)
-    assert isinstance(run.model, ModelConfig) and isinstance(run.nsa, NSAConfig)
-    assert isinstance(run.data, DataConfig)
-    assert run.data.seq_len % run.nsa.select_size == 0
+    section = getattr(run, group)
+    assert type(section) is SECTIONS[group]
+    values = dataclasses.asdict(section)
+    for key, value in stated(group, option).items():
+        if isinstance(value, str) and value.startswith("${"):
+            continue  # an interpolation, resolved at conversion
+        assert values[key] == value, f"{group}/{option}.yaml sets {key}={value!r}, the dataclass holds {values[key]!r}"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_group_files_state_only_what_differs_from_the_schema(group, option):
+    defaults = dataclasses.asdict(SECTIONS[group]())
+    same = {k: v for k, v in stated(group, option).items() if k != "kind" and defaults.get(k) == v}
+    assert not same, f"{group}/{option}.yaml restates the schema's defaults {same}: drop them"
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_converts_and_changes_only_what_it_states(compose_config, experiment):
+    text = CONF.joinpath("experiment", f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    spec = yaml.safe_load(text)
+    # `override /trainer: gpu` in its defaults list is `trainer=gpu` on the command line.
+    groups = [f"{key.removeprefix('override').strip().strip('/')}={value}"
+              for entry in spec.pop("defaults", []) for key, value in entry.items()]
+    base = dataclasses.asdict(run_config(compose_config(*groups)))
+    changed = dataclasses.asdict(run_config(compose_config(f"experiment={experiment}")))
+    for section, values in spec.items():
+        for key, value in values.items():
+            assert changed[section][key] == value, f"experiment={experiment} sets {section}.{key}"
+            assert base[section][key] != value, f"experiment={experiment} restates {section}.{key}={value!r}"
+    for section in base:
+        unstated = {k: v for k, v in base[section].items() if k not in spec.get(section, {})}
+        assert {k: changed[section][k] for k in unstated} == unstated, \
+            f"experiment={experiment} changed {section} beyond what it states"
 
 
 def test_presets_hold_the_documented_values(compose_config):
@@ -49,14 +105,15 @@ def test_presets_hold_the_documented_values(compose_config):
 
 
 def test_overrides_reach_the_dataclasses(compose_config):
-    run = run_config(compose_config("trainer.lr=1e-4", "model.num_layers=3", "nsa.top_n=8", "data.seq_len=1024"))
+    run = run_config(compose_config("trainer.lr=1e-4", "model.num_layers=3", "nsa.top_n=8", "data.seq_len=1024",
+                                    "launcher=torchrun", "launcher.nproc_per_node=3"))
     assert run.trainer.lr == 1e-4 and isinstance(run.trainer.lr, float)
     assert run.model.num_layers == 3 and run.nsa.top_n == 8 and run.data.seq_len == 1024
+    assert run.launcher.kind == "torchrun" and run.launcher.nproc_per_node == 3
 
 
 @pytest.mark.parametrize("override,error,match", [
     ("trainer.lr=-1", ValueError, r"trainer\.lr must be positive"),
-    ("trainer.lr=fast", ValueError, r"trainer\.lr must be float"),
     ("trainer.optimizer=sgd", ValueError, r"unknown trainer\.optimizer='sgd'.*adamw"),
     ("trainer.precision=fp8", ValueError, r"trainer\.precision"),
     ("trainer.steps=0", ValueError, r"trainer\.steps must be positive"),
@@ -65,14 +122,22 @@ def test_overrides_reach_the_dataclasses(compose_config):
     ("nsa.compression=max", ValueError, r"compression"),
     ("data.seq_len=500", ValueError, r"data\.seq_len=500 is not a multiple of nsa\.select_size=32.*data\.seq_len=480"),
     ("data.kind=images", ValueError, r"unknown data\.kind='images'"),
-    ("+model.depth=3", ValueError, r"unknown setting model\.depth"),
+    ("+model.depth=3", ValueError, r"unknown setting model\.depth: model takes vocab_size, hidden_size"),
     ("model.num_kv_heads=3", ValueError, r"num_heads .* multiple of num_kv_heads.*model="),
     ("data=text", ValueError, r"data\.path="),
     ("data.seq_len=32", ValueError, r"cannot hold the passkey"),
+    ("launcher.kind=mpi", ValueError, r"unknown launcher\.kind='mpi'"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose_config, override, error, match):
     with pytest.raises(error, match=match):
         run_config(compose_config(override))
+
+
+@pytest.mark.parametrize("override", ["trainer.lr=fast", "model.depth=3", "launcher.use_gpu=3.5"])
+def test_the_schema_rejects_wrong_types_and_unknown_keys_while_composing(compose_config, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+        compose_config(override)
 
 
 def test_missing_data_file_is_named(compose_config, tmp_path):
@@ -82,10 +147,12 @@ def test_missing_data_file_is_named(compose_config, tmp_path):
 
 
 def test_cli_composes_from_the_installed_package(tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "nsa_dist.train", "--cfg", "job", "model=small", "nsa=paper"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    shown = subprocess.run([sys.executable, "-m", "nsa_dist.train", "--cfg", "job", "model=small", "nsa=paper",
+                            "experiment=smoke"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert shown.returncode == 0, shown.stderr
-    assert "hidden_size: 512" in shown.stdout and "window: 512" in shown.stdout
+    printed = yaml.safe_load(shown.stdout)
+    assert printed["model"]["hidden_size"] == 512 and printed["nsa"]["window"] == 512
+    assert printed["trainer"]["steps"] == 5 and printed["launcher"]["kind"] == "local"
 
 
 def test_cli_reports_a_bad_value_and_exits_nonzero(tmp_path):
