@@ -105,15 +105,6 @@ def mean_across_ranks(value: torch.Tensor, group: Any) -> float:
     return float(total) / dist.get_world_size(group)
 
 
-def broadcast_from_main(value: Any, ctx: DistributedContext) -> Any:
-    """Rank 0's `value` on every rank (a picklable object; a host sync)."""
-    if not ctx.is_distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _join(backend: str, *, timeout_s: float, started_by: str) -> DistributedContext:
     env = os.environ
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])

@@ -1,9 +1,10 @@
 """One optimizer step, two ways: plain torch (gradient all-reduce, clip, AdamW) or DeepSpeed's ZeRO engine.
 
 The training loop sees only `TrainEngine`: `backward(loss)`, `step() -> grad norm`, `save(dir)`,
-`load(dir)`, `lr`. Both expect the loss of each rank to be scaled so that the mean of the
-gradients over all ranks is the training gradient (nsa_dist.train.token_metrics does this for
-sequence parallelism: sum over the ranks of a replica, mean over the replicas).
+`load(dir)`, `lr`. Both take the job's `Mesh` and expect the loss of each rank to be scaled so that
+the mean of the gradients over the mesh's `grad_group` (every dp x sp rank) is the training gradient
+(nsa_dist.loss.token_metrics does this for sequence parallelism: sum over the ranks of a replica,
+mean over the replicas).
 
 ZeRO partitions over every rank of the job (dp x sp), as DeepSpeed's own sequence-parallel
 support does: the sp ranks of a replica hold different slices of the optimizer state (and, at
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_dist import distributed
-from nsa_dist.distributed import DistributedContext
+from nsa_dist.parallel import Mesh
 
 ZERO_STAGES = (1, 2, 3)
 DEEPSPEED_TAG = "deepspeed"
@@ -75,14 +76,13 @@ def deepspeed_config(zero: ZeroConfig, *, micro_batch_size: int, grad_clip: floa
 
 
 class TrainEngine:
-    """The plain torch path: average gradients over all ranks, clip, step."""
+    """The plain torch path: average gradients over the mesh's grad_group, clip, step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float,
-                 dist_ctx: DistributedContext):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float, mesh: Mesh):
         self.module = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
-        self.dist_ctx = dist_ctx
+        self.mesh = mesh
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -96,14 +96,14 @@ class TrainEngine:
         loss.backward()
 
     def step(self) -> float:
-        distributed.average_gradients(self.module, self.dist_ctx)
+        distributed.average_gradients(self.module, self.mesh.grad_group)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf"))
         self.optimizer.step()
         return float(norm)
 
     def save(self, directory: Path) -> None:
         # Every rank holds the same weights and optimizer state; one copy is enough.
-        if self.dist_ctx.is_main:
+        if self.mesh.rank == 0:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                        directory / "model_optimizer.pt")
 
@@ -123,13 +123,13 @@ class DeepSpeedTrainEngine(TrainEngine):
     """DeepSpeed's engine with ZeRO stage 1, 2 or 3 over all ranks; it reduces, clips and steps."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, zero: ZeroConfig,
-                 micro_batch_size: int, grad_clip: float, bf16: bool, dist_ctx: DistributedContext):
-        self._own_group = _init_deepspeed(dist_ctx)
+                 micro_batch_size: int, grad_clip: float, bf16: bool, mesh: Mesh, local_rank: int = 0):
+        self._own_group = _init_deepspeed(local_rank)
         import deepspeed
 
         config = deepspeed_config(zero, micro_batch_size=micro_batch_size, grad_clip=grad_clip, bf16=bf16)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        super().__init__(model, ds_optimizer, grad_clip=grad_clip, dist_ctx=dist_ctx)
+        super().__init__(model, ds_optimizer, grad_clip=grad_clip, mesh=mesh)
         self.engine = engine
         self.stage = zero.stage
 
@@ -169,7 +169,7 @@ class DeepSpeedTrainEngine(TrainEngine):
             dist.destroy_process_group()
 
 
-def _init_deepspeed(ctx: DistributedContext) -> bool:
+def _init_deepspeed(local_rank: int) -> bool:
     """Hand DeepSpeed the job's process group, making a one-rank group when there is none.
 
     Returns whether the group was made here (and is to be destroyed with the engine).
@@ -179,8 +179,8 @@ def _init_deepspeed(ctx: DistributedContext) -> bool:
     import deepspeed
 
     # DeepSpeed's engine asserts LOCAL_RANK is set, as its own launcher and torchrun do; Ray and Slurm
-    # ranks have it in the DistributedContext.
-    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
+    # ranks have it in their DistributedContext.
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     made_here = False
     if not dist.is_initialized():
         with socket.socket() as s:

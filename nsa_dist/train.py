@@ -1,19 +1,18 @@
 """Training entry point: `python -m nsa_dist.train` or `nsa-train`, a Hydra app over nsa_dist.conf.
 
-Launchers call `main(cfg)` with a composed config; it converts the config to dataclasses once
-(`nsa_dist.config.run_config`) and hands each part only what it needs. Outputs land in the run
-directory (Hydra's, unless `run_dir` is given): TensorBoard events under `tensorboard/`, one JSON line
-per step in `train_log.jsonl`, checkpoints under `checkpoints/` (every `trainer.checkpoint_every`
-steps; `trainer.resume=auto` continues from the latest) and the final weights in `final.pt`.
-See docs/training.md.
+`main(cfg)` converts the composed config to a `RunConfig` once (nsa_dist.config.run_config), has
+nsa_dist.launch start the ranks the `launcher` section asks for, and on each rank joins the process
+group and calls `train(run, ...)`, which hands each part only the section it needs. Outputs land in
+the run directory (Hydra's, unless `run_dir` is given): TensorBoard events under `tensorboard/`, one
+JSON line per step in `train_log.jsonl`, checkpoints under `checkpoints/` (every
+`trainer.checkpoint_every` steps; `trainer.resume=auto` continues from the latest) and the final
+weights in `final.pt`. See docs/training.md.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -21,23 +20,24 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
+from omegaconf import DictConfig
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nsa_dist import distributed, metrics
-from nsa_dist.checkpoint import CheckpointDir, load_trainer_state
+from nsa_dist import distributed, launch, metrics
+from nsa_dist.checkpoint import TrainerCheckpoints, save_atomically
 from nsa_dist.config import RunConfig, TrainConfig, run_config
 from nsa_dist.data import Batch, build_source
 from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.engine import DeepSpeedTrainEngine, TrainEngine
-from nsa_dist.mesh import Mesh, build_mesh
+from nsa_dist.loss import shard_batch, token_metrics
 from nsa_dist.model import NSATransformer
-from nsa_dist.parallel import SequenceParallel, shard
+from nsa_dist.parallel import ExchangeLog, Mesh, SequenceParallel, build_mesh
+from nsa_dist.parallelize import parallelize
+from nsa_dist.run_log import RunLog
+
+__all__ = ["TrainResult", "lr_at", "main", "shard_batch", "token_metrics", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ EVAL_SEED_OFFSET = 1_000_003
 class TrainResult:
     losses: list[float]  # one per step run, the mean over data-parallel replicas
     eval_metrics: dict[str, float]  # the last evaluation
-    tokens_per_s: float  # per rank, averaged over the run
+    tokens_per_s: float  # the job's rate: tokens of all replicas per second, over the steps this run took
+    tokens_per_s_per_device: float  # tokens_per_s / world size
     run_dir: Path
     checkpoint: Path
     start_step: int = 0  # losses[i] is step start_step + i
@@ -83,115 +84,29 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def token_metrics(logits: torch.Tensor, batch: Batch,
-                  sp: SequenceParallel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to backpropagate, and the replica's metrics: mean cross-entropy over all its targets, plus
-    loss and accuracy on the answer bytes when there are some.
-
-    With `sp`, `batch` holds this rank's shard of the replica's sequences. The local loss is the sum
-    over local targets divided by the replica's target count, times the sp degree: summed over the
-    replica's ranks that is its mean loss (times sp), so the mean of the gradients over all ranks (what
-    the data-parallel all-reduce computes) is the sum over the sp ranks averaged over the replicas.
-    Metrics are summed over the sp group (one small all-reduce).
-    """
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
-    per_token = per_token.view_as(batch.targets)  # (B, T_local)
-    ranks = 1 if sp is None else sp.size
-    tokens = batch.targets.numel() * ranks
-    loss = per_token.mean() if sp is None else per_token.sum() * (ranks / tokens)
-    detached = per_token.detach().double()
-    sums = [detached.sum().reshape(1)]
-    mask = batch.answer_mask
-    if mask is not None:
-        correct = (logits.argmax(-1) == batch.targets) & mask  # (B, T_local)
-        sums += [(detached * mask).sum().reshape(1), correct.sum(-1).double(), mask.sum(-1).double()]
-    sums = torch.cat(sums)  # (1 [+ 1 + B + B],)
-    if sp is not None:
-        dist.all_reduce(sums, group=sp.group)
-    metrics = {"loss": (sums[0] / tokens).float()}
-    if mask is not None:
-        rows = batch.targets.shape[0]
-        correct_rows, mask_rows = sums[2:2 + rows], sums[2 + rows:]
-        metrics["answer_loss"] = (sums[1] / mask_rows.sum()).float()
-        metrics["answer_accuracy"] = (correct_rows.sum() / mask_rows.sum()).float()
-        metrics["passkey_exact"] = (correct_rows == mask_rows).float().mean()
-    return loss, metrics
-
-
-def shard_batch(batch: Batch, sp: SequenceParallel | None) -> Batch:
-    """This rank's zigzag shard of a replica's batch; the targets were shifted on the full sequence."""
-    if sp is None:
-        return batch
-    mask = None if batch.answer_mask is None else shard(batch.answer_mask, sp)
-    return Batch(shard(batch.inputs, sp), shard(batch.targets, sp), mask)
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename, so `path` is never half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def build_engine(model: torch.nn.Module, run: RunConfig, dist_ctx: DistributedContext) -> TrainEngine:
+def build_engine(model: torch.nn.Module, run: RunConfig, mesh: Mesh, dist_ctx: DistributedContext) -> TrainEngine:
     cfg = run.trainer
     optimizer = build_optimizer(model, cfg)
     if not run.zero.enabled:
-        return TrainEngine(model, optimizer, grad_clip=cfg.grad_clip, dist_ctx=dist_ctx)
+        return TrainEngine(model, optimizer, grad_clip=cfg.grad_clip, mesh=mesh)
     return DeepSpeedTrainEngine(model, optimizer, zero=run.zero, micro_batch_size=cfg.batch_size,
-                                grad_clip=cfg.grad_clip, bf16=cfg.precision == "bf16", dist_ctx=dist_ctx)
-
-
-def checkpoint_to_resume(resume: str, checkpoints: CheckpointDir) -> Path | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return checkpoints.latest()
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={resume!r} is not a checkpoint directory: pass one of "
-                                f"{[str(p) for _, p in checkpoints.finished()] or 'none found'}, auto or never")
-    return path
-
-
-class _Checkpointing:
-    """Saves and restores everything a step depends on: weights, optimizer, data positions, RNG streams."""
-
-    def __init__(self, root: Path, keep: int, engine: TrainEngine, source, mesh: Mesh, dist_ctx: DistributedContext):
-        self.dir = CheckpointDir(root, keep=keep)
-        self.engine, self.source, self.mesh, self.rank = engine, source, mesh, dist_ctx.rank
-
-    def save(self, step: int) -> Path:
-        def write(directory: Path) -> None:
-            self.engine.save(directory)
-            # Each data-parallel replica is at its own place in its own stream.
-            torch.save(self.source.state_dict(), directory / f"data_rank{self.rank}.pt")
-
-        return self.dir.save(step, write, {"mesh": [self.mesh.dp, self.mesh.sp]})
-
-    def restore(self, path: Path) -> int:
-        """Load `path`; returns its step, the number of steps already taken."""
-        trainer_state = torch.load(path / "trainer.pt", weights_only=False)
-        if list(trainer_state.get("mesh", [])) != [self.mesh.dp, self.mesh.sp]:
-            raise ValueError(f"{path} was written by a dp x sp = {trainer_state.get('mesh')} mesh, this job has "
-                             f"{[self.mesh.dp, self.mesh.sp]}: resume with the same parallel.dp / parallel.sp")
-        self.engine.load(path)
-        self.source.load_state_dict(torch.load(path / f"data_rank{self.rank}.pt", weights_only=False))
-        return int(load_trainer_state(path)["step"])
+                                grad_clip=cfg.grad_clip, bf16=cfg.precision == "bf16", mesh=mesh,
+                                local_rank=dist_ctx.local_rank)
 
 
 def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
           dist_ctx: DistributedContext = SINGLE_PROCESS) -> TrainResult:
+    """Train on this rank of the job `dist_ctx` describes; every rank calls it, rank 0 writes the outputs."""
     cfg = run.trainer
     device = resolve_device(cfg.device)
-    mesh = build_mesh(run.parallel, dist_ctx)
+    mesh = build_mesh(run.parallel, device_type=device.type)
     sp = mesh.sequence_parallel
+    exchange_log = ExchangeLog()
     torch.manual_seed(cfg.seed)
-    model = NSATransformer(run.model, run.nsa).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    num_parameters = model.num_parameters()
+    model = parallelize(NSATransformer(run.model, run.nsa).to(device), mesh,
+                        activation_checkpointing=cfg.activation_checkpointing, exchange_log=exchange_log)
     distributed.broadcast_parameters(model, dist_ctx)
-    engine = build_engine(model, run, dist_ctx)
+    engine = build_engine(model, run, mesh, dist_ctx)
     # Each data-parallel replica draws its own batches; the sp ranks of a replica draw the same batch and
     # keep their shards of it. Eval batches are the same everywhere.
     source = build_source(run.data, vocab_size=run.model.vocab_size,
@@ -204,142 +119,108 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                               enabled=cfg.precision == "bf16" and not run.zero.enabled)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointing = _Checkpointing(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
-                                   cfg.checkpoint_keep, engine, source, mesh, dist_ctx)
-    resume_from = checkpoint_to_resume(cfg.resume, checkpointing.dir)
-    if dist_ctx.is_distributed:
-        # Rank 0 decides: on a shared file system another node may not see the newest checkpoint yet.
-        choice = [resume_from]
-        dist.broadcast_object_list(choice, src=0)
-        resume_from = choice[0]
-    start_step = checkpointing.restore(resume_from) if resume_from is not None else 0
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None) \
-        if dist_ctx.is_main else distributed.Discard()
+    checkpoints = TrainerCheckpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
+                                     cfg.checkpoint_keep, engine=engine, source=source, mesh=mesh)
+    start_step, resumed_from = checkpoints.resume(cfg.resume)
+    tokens_per_step = cfg.batch_size * run.data.seq_len * mesh.dp
+    run_log = RunLog(run_dir, is_main=dist_ctx.is_main, start_step=start_step, log_every=cfg.log_every,
+                     last_step=cfg.steps - 1, device=device, world_size=mesh.world_size,
+                     tokens_per_step=tokens_per_step,
+                     flops_per_step=metrics.model_flops_per_sequence(run.data.seq_len, run.model, run.nsa)
+                     * cfg.batch_size * mesh.dp,
+                     peak_flops=metrics.peak_flops_per_device(device, cfg.peak_flops))
     log.info("model %.2fM parameters on %s; %s data, %d tokens per sequence; mesh dp=%d x sp=%d; %s; run dir %s",
-             num_parameters / 1e6, device, run.data.kind, run.data.seq_len, mesh.dp, mesh.sp,
+             model.num_parameters() / 1e6, device, run.data.kind, run.data.seq_len, mesh.dp, mesh.sp,
              f"DeepSpeed ZeRO-{run.zero.stage}" if run.zero.enabled else "plain torch", run_dir)
-    if resume_from is not None:
-        log.info("resumed from %s at step %d", resume_from, start_step)
+    if resumed_from is not None:
+        log.info("resumed from %s at step %d", resumed_from, start_step)
 
     losses: list[float] = []
     eval_metrics: dict[str, float] = {}
-    tokens_per_step = cfg.batch_size * run.data.seq_len * mesh.dp
-    flops_per_step = metrics.model_flops_per_sequence(run.data.seq_len, run.model, run.nsa) * cfg.batch_size * mesh.dp
-    peak_flops = metrics.peak_flops_per_device(device, cfg.peak_flops)
     timer = metrics.PhaseTimer(device)
-    step_log = run_dir / "train_log.jsonl"
     started = time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), desc="train", initial=start_step, total=cfg.steps,
                disable=not cfg.progress_bar or not dist_ctx.is_main, dynamic_ncols=True)
-    with logging_redirect_tqdm(), contextlib.closing(writer):
+    with logging_redirect_tqdm(), contextlib.closing(run_log):
         for step in bar:
             step_start = time.perf_counter()
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
-            with timer.phase("data"):
-                batch = shard_batch(source.sample(cfg.batch_size), sp).to(device)
-            model.train()
-            with timer.phase("forward"):
-                with autocast:
-                    logits = engine.forward(batch.inputs, sp=sp)  # (B, T_local, vocab)
-                loss, step_metrics = token_metrics(logits, batch, sp)
-            with timer.phase("backward"):
-                engine.backward(loss)
-            with timer.phase("optimizer"):
-                grad_norm = engine.step()
-
+            step_metrics, grad_norm = train_step(engine, source.sample(cfg.batch_size), sp, device, autocast, timer)
             # host sync: the loss is logged every step
-            losses.append(distributed.mean_across_ranks(step_metrics["loss"], dist_ctx))
-            step_s = time.perf_counter() - step_start
-            tokens_per_s = tokens_per_step / step_s
+            losses.append(distributed.mean_across_ranks(step_metrics["loss"], mesh.dp_group))
+            exchanged = metrics.exchange_totals(exchange_log.pop()) if sp is not None else None
+            tokens_per_s = run_log.step(step, loss=losses[-1], lr=lr, grad_norm=grad_norm,
+                                        step_s=time.perf_counter() - step_start, phases=timer.pop(),
+                                        exchanged=exchanged, step_metrics=step_metrics)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            if dist_ctx.is_main:
-                record = {"step": step, "loss": losses[-1], "lr": lr, "step_s": round(step_s, 4),
-                          "tokens_per_s": round(tokens_per_s, 1),
-                          "peak_memory_gib": round(metrics.peak_memory_bytes(device) / 2**30, 3)}
-                if peak_flops:
-                    record["mfu"] = round(flops_per_step / step_s / dist_ctx.world_size / peak_flops, 4)
-                with step_log.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            phases = timer.pop()
-            exchanged = metrics.exchange_totals(sp.pop_stats()) if sp is not None else None
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                writer.add_scalar("train/loss", losses[-1], step)
-                writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
-                writer.add_scalar("train/tokens_per_s_per_device", tokens_per_s / dist_ctx.world_size, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-                writer.add_scalar("train/model_flops_per_s_per_device", flops_per_step / step_s / dist_ctx.world_size,
-                                  step)
-                if peak_flops:
-                    writer.add_scalar("train/mfu", flops_per_step / step_s / dist_ctx.world_size / peak_flops, step)
-                writer.add_scalar("memory/peak_bytes", metrics.peak_memory_bytes(device), step)
-                for name, seconds in phases.items():
-                    writer.add_scalar(f"time/{name}_s", seconds, step)
-                if exchanged is not None:
-                    for name, value in exchanged.items():
-                        writer.add_scalar(f"comm/{name}", value, step)
-                for name in ("answer_loss", "answer_accuracy"):
-                    if name in step_metrics:
-                        writer.add_scalar(f"train/{name}", float(step_metrics[name]), step)
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
+            if _due(step, cfg.eval_every, cfg.steps):
                 eval_metrics = evaluate(engine, eval_batch, autocast, sp)
-                if sp is not None:
-                    sp.pop_stats()  # the comm/* scalars count training steps only
-                for name, value in eval_metrics.items():
-                    writer.add_scalar(f"eval/{name}", value, step)
+                exchange_log.pop()  # the comm/* scalars count training steps only
+                run_log.scalars("eval", eval_metrics, step)
                 log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1):
+            if cfg.checkpoint_every and _due(step, cfg.checkpoint_every, cfg.steps):
                 with timer.phase("checkpoint"):
-                    path = checkpointing.save(step + 1)
-                writer.add_scalar("time/checkpoint_s", timer.pop()["checkpoint"], step)
+                    path = checkpoints.save(step + 1)
+                run_log.scalars("time", {"checkpoint_s": timer.pop()["checkpoint"]}, step)
                 log.info("step %d: checkpoint %s", step + 1, path)
-
         elapsed = time.perf_counter() - started
-        steps_run = cfg.steps - start_step
-        mean_tokens_per_s = tokens_per_step * steps_run / elapsed
         if hparams is not None and losses:
-            writer.add_hparams(_flat_hparams(hparams), {"hparam/final_loss": losses[-1],
-                                                        **{f"hparam/eval_{k}": v for k, v in eval_metrics.items()}},
-                               run_name=".")
+            run_log.hparams(hparams, {"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}})
 
-    checkpoint = run_dir / "final.pt"
-    final_state = {"model": engine.full_state_dict(), "step": cfg.steps, "config": asdict(run)}
-    if dist_ctx.is_main:
-        if not run.zero.enabled:
-            # The plain path's optimizer and data state are whole on rank 0; DeepSpeed's live in the checkpoints.
-            final_state.update(optimizer=engine.optimizer.state_dict(), data=source.state_dict())
-        save_atomically(final_state, checkpoint)
+    checkpoint = _save_final(run_dir / "final.pt", engine, source, run, is_main=dist_ctx.is_main)
     engine.close()
-    answer = eval_metrics.get("answer_accuracy")
-    answer_note = "" if answer is None else f", eval answer accuracy {answer:.3f}"
+    steps_run = cfg.steps - start_step
+    job_tokens_per_s = tokens_per_step * steps_run / elapsed
     if losses:
+        answer = eval_metrics.get("answer_accuracy")
+        answer_note = "" if answer is None else f", eval answer accuracy {answer:.3f}"
         log.info("done: %d steps in %.0f s, loss %.3f (first) -> %.3f (last)%s, %.0f tokens/s; weights in %s",
-                 steps_run, elapsed, losses[0], losses[-1], answer_note, mean_tokens_per_s, checkpoint)
-    return TrainResult(losses=losses, eval_metrics=eval_metrics, tokens_per_s=mean_tokens_per_s, run_dir=run_dir,
-                       checkpoint=checkpoint, start_step=start_step, resumed_from=resume_from)
+                 steps_run, elapsed, losses[0], losses[-1], answer_note, job_tokens_per_s, checkpoint)
+    return TrainResult(losses=losses, eval_metrics=eval_metrics, tokens_per_s=job_tokens_per_s,
+                       tokens_per_s_per_device=job_tokens_per_s / mesh.world_size, run_dir=run_dir,
+                       checkpoint=checkpoint, start_step=start_step, resumed_from=resumed_from)
+
+
+def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, device: torch.device, autocast,
+               timer: metrics.PhaseTimer) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimizer step on a replica's batch (this rank keeps its shard); the step's metrics and grad norm."""
+    with timer.phase("data"):
+        batch = shard_batch(batch, sp).to(device)
+    engine.module.train()
+    with timer.phase("forward"):
+        with autocast:
+            logits = engine.forward(batch.inputs)  # (B, T_local, vocab)
+        loss, step_metrics = token_metrics(logits, batch, sp)
+    with timer.phase("backward"):
+        engine.backward(loss)
+    with timer.phase("optimizer"):
+        grad_norm = engine.step()
+    return step_metrics, grad_norm
 
 
 @torch.no_grad()
 def evaluate(engine: TrainEngine, batch: Batch, autocast, sp: SequenceParallel | None = None) -> dict[str, float]:
     engine.module.eval()
     with autocast:
-        logits = engine.forward(batch.inputs, sp=sp)
+        logits = engine.forward(batch.inputs)
     _, eval_metrics = token_metrics(logits, batch, sp)
     return {name: float(value) for name, value in eval_metrics.items()}
 
 
-def _flat_hparams(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def _due(step: int, every: int, steps: int) -> bool:
+    """Whether a periodic action runs after `step`: every `every` steps (0: never) and after the last."""
+    return (every and (step + 1) % every == 0) or step == steps - 1
+
+
+def _save_final(path: Path, engine: TrainEngine, source, run: RunConfig, *, is_main: bool) -> Path:
+    state = {"model": engine.full_state_dict(), "step": run.trainer.steps, "config": asdict(run)}
+    if is_main:
+        if not run.zero.enabled:
+            # The plain path's optimizer and data state are whole on rank 0; DeepSpeed's live in the checkpoints.
+            state.update(optimizer=engine.optimizer.state_dict(), data=source.state_dict())
+        save_atomically(state, path)
+    return path
 
 
 def _default_run_dir() -> Path:
@@ -349,18 +230,22 @@ def _default_run_dir() -> Path:
 
 
 def main(cfg: DictConfig, *, run_dir: str | Path | None = None) -> TrainResult:
-    """Train from a composed config (what `nsa_dist.conf/config.yaml` composes to, with overrides)."""
+    """Train from a composed config (what `nsa_dist.conf/config.yaml` composes to, with overrides).
+
+    With launcher=torchrun|ray this process starts the ranks, each runs `train_rank`, and rank 0's result
+    comes back; otherwise this process is the one rank (or one of the ranks torchrun or Slurm started).
+    """
     run = run_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
-    # launcher=torchrun|ray: this process starts the ranks, each calls main again, rank 0's result comes back.
-    started = distributed.start_ranks(cfg, main, run_dir=run_dir)
-    if started is not None:
-        return started
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams.pop("hydra", None)
-    dist_ctx = distributed.init_process_group(cfg, run_dir=run_dir)
+    return launch.start_ranks(run.launcher, train_rank, run, run_dir, device=run.trainer.device, run_dir=run_dir)
+
+
+def train_rank(run: RunConfig, run_dir: Path) -> TrainResult:
+    """One rank of the job: join the group the environment describes, train, leave the group."""
+    dist_ctx = distributed.init_process_group(backend=run.launcher.backend, timeout_s=run.launcher.timeout_s,
+                                              device=run.trainer.device, run_dir=run_dir)
     try:
-        return train(run, run_dir=run_dir, hparams=hparams, dist_ctx=dist_ctx)
+        return train(run, run_dir=run_dir, hparams=asdict(run), dist_ctx=dist_ctx)
     finally:
         distributed.destroy_process_group(dist_ctx)
 

@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +60,52 @@ def test_keep_bounds_what_stays_and_unfinished_is_refused(tmp_path):
         load_trainer_state(tmp_path / "step_00000009")
     with pytest.raises(ValueError, match="keep"):
         CheckpointDir(tmp_path, keep=0)
+
+
+class _Engine:
+    """The two calls TrainerCheckpoints makes of an engine, on one tensor."""
+
+    def __init__(self, value):
+        self.weight = torch.full((2,), float(value))
+
+    def save(self, directory):
+        torch.save(self.weight, directory / "weight.pt")
+
+    def load(self, directory):
+        self.weight = torch.load(directory / "weight.pt")
+
+
+class _Source:
+    def __init__(self, cursor):
+        self.cursor = cursor
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def test_trainer_checkpoints_restore_each_part_once_and_refuse_another_mesh(tmp_path, monkeypatch):
+    from nsa_dist.checkpoint import TrainerCheckpoints
+    from nsa_dist.parallel import Mesh
+
+    mesh = Mesh(dp=1, sp=1)
+    torch.manual_seed(1)
+    TrainerCheckpoints(tmp_path, 2, engine=_Engine(3), source=_Source(7), mesh=mesh).save(5)
+    expected = torch.rand(2)
+
+    engine, source = _Engine(0), _Source(0)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, **kw: loads.append(Path(path).name) or real_load(path, **kw))
+    torch.manual_seed(999)
+    step, path = TrainerCheckpoints(tmp_path, 2, engine=engine, source=source, mesh=mesh).resume("auto")
+    assert (step, path) == (5, tmp_path / "step_00000005")
+    assert torch.equal(engine.weight, torch.full((2,), 3.0)) and source.cursor == 7
+    assert sorted(loads) == ["data_rank0.pt", "rng_rank0.pt", "trainer.pt", "weight.pt"]
+    assert torch.equal(torch.rand(2), expected)
+
+    with pytest.raises(ValueError, match=r"dp x sp = \[1, 1\] mesh, this job has \[2, 1\].*parallel\.dp"):
+        TrainerCheckpoints(tmp_path, 2, engine=_Engine(0), source=_Source(0), mesh=Mesh(dp=2, sp=1)).restore(path)
+    assert TrainerCheckpoints(tmp_path, 2, engine=engine, source=source, mesh=mesh).resume("never") == (0, None)

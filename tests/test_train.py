@@ -18,6 +18,7 @@ def test_tiny_cpu_run_lowers_the_loss_and_writes_its_outputs(compose_config, tmp
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, f"loss went {first:.3f} -> {last:.3f}"
     assert {"loss", "answer_accuracy", "answer_loss"} <= set(result.eval_metrics)
+    assert result.tokens_per_s > 0 and result.tokens_per_s_per_device == result.tokens_per_s  # one device
 
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file in the run dir"

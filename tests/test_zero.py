@@ -4,25 +4,17 @@ Few spawned runs, several checks each: every DeepSpeed process pays for its impo
 The shm op DeepSpeed builds on its first CPU start is cached in TORCH_EXTENSIONS_DIR, shared by all
 test processes (set by tests/conftest.py unless the environment already has it).
 """
-import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
+from multirank import run_ranks
 
 pytest.importorskip("deepspeed")
 
 TINY = ["model.num_layers=1", "trainer.batch_size=2", "data.seq_len=256", "trainer.eval_batch_size=2",
         "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.device=cpu", "trainer.warmup_steps=1",
         "trainer.steps=4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _compose(overrides):
@@ -32,38 +24,25 @@ def _compose(overrides):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def _rank(rank: int, world_size: int, port: int, runs: list, out_dir: str, errors) -> None:
-    """Join a gloo group of `world_size`, then train each of `runs` (name, overrides) in turn on it."""
-    try:
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                           "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
-        from nsa_dist import distributed
-        from nsa_dist.config import run_config
-        from nsa_dist.train import train
+def _train_each(rank: int, world_size: int, runs: list, out_dir: str) -> dict:
+    """Train each of `runs` (name, overrides) in turn on this rank of the harness's gloo group."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "DS_ACCELERATOR": "cpu"})
+    from nsa_dist import distributed
+    from nsa_dist.config import run_config
+    from nsa_dist.train import train
 
-        cfg = _compose(["launcher=torchrun", "launcher.timeout_s=120"])
-        ctx = distributed.init_process_group(cfg, run_dir=None)
-        results = {}
-        for name, overrides in runs:
-            run = run_config(_compose(overrides))
-            result = train(run, run_dir=Path(out_dir) / name, dist_ctx=ctx)
-            results[name] = {"losses": result.losses, "start_step": result.start_step,
-                             "resumed_from": str(result.resumed_from)}
-        if rank == 0:
-            (Path(out_dir) / "results.json").write_text(json.dumps(results))
-        distributed.destroy_process_group(ctx)
-    except BaseException as e:  # the parent reports it; a child's traceback alone is easy to miss
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
+    ctx = distributed.init_process_group(backend="gloo", timeout_s=120, device="cpu")
+    results = {}
+    for name, overrides in runs:
+        result = train(run_config(_compose(overrides)), run_dir=Path(out_dir) / name, dist_ctx=ctx)
+        results[name] = {"losses": result.losses, "start_step": result.start_step,
+                         "resumed_from": str(result.resumed_from)}
+    return results
 
 
 def spawn(world_size: int, runs: list, out_dir: Path) -> dict:
-    errors = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank, args=(world_size, _free_port(), runs, str(out_dir), errors), nprocs=world_size,
-                       start_method="spawn", join=True)
-    assert errors.empty(), errors.get()
-    return json.loads((out_dir / "results.json").read_text())
+    return run_ranks(_train_each, world_size, runs, str(out_dir))[0]
 
 
 def test_zero2_sequence_parallel_matches_data_parallel_zero3_runs_and_resume_is_exact(tmp_path):

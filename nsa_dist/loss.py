@@ -1,0 +1,52 @@
+"""The training loss and the per-token metrics, on the whole sequence or on this rank's shard of it."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nsa_dist.data import Batch
+from nsa_dist.parallel import SequenceParallel, shard
+
+
+def shard_batch(batch: Batch, sp: SequenceParallel | None) -> Batch:
+    """This rank's zigzag shard of a replica's batch; the targets were shifted on the full sequence."""
+    if sp is None:
+        return batch
+    mask = None if batch.answer_mask is None else shard(batch.answer_mask, sp)
+    return Batch(shard(batch.inputs, sp), shard(batch.targets, sp), mask)
+
+
+def token_metrics(logits: torch.Tensor, batch: Batch,
+                  sp: SequenceParallel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to backpropagate, and the replica's metrics: mean cross-entropy over all its targets, plus
+    loss and accuracy on the answer bytes when there are some.
+
+    With `sp`, `batch` holds this rank's shard of the replica's sequences. The local loss is the sum
+    over local targets divided by the replica's target count, times the sp degree: summed over the
+    replica's ranks that is its mean loss (times sp), so the mean of the gradients over all ranks (what
+    the gradient all-reduce over the mesh's grad_group computes) is the sum over the sp ranks averaged
+    over the replicas. Metrics are summed over the sp group (one small all-reduce).
+    """
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
+    per_token = per_token.view_as(batch.targets)  # (B, T_local)
+    ranks = 1 if sp is None else sp.size
+    tokens = batch.targets.numel() * ranks
+    loss = per_token.mean() if sp is None else per_token.sum() * (ranks / tokens)
+    detached = per_token.detach().double()
+    sums = [detached.sum().reshape(1)]
+    mask = batch.answer_mask
+    if mask is not None:
+        correct = (logits.argmax(-1) == batch.targets) & mask  # (B, T_local)
+        sums += [(detached * mask).sum().reshape(1), correct.sum(-1).double(), mask.sum(-1).double()]
+    sums = torch.cat(sums)  # (1 [+ 1 + B + B],)
+    if sp is not None:
+        dist.all_reduce(sums, group=sp.group)
+    metrics = {"loss": (sums[0] / tokens).float()}
+    if mask is not None:
+        rows = batch.targets.shape[0]
+        correct_rows, mask_rows = sums[2:2 + rows], sums[2 + rows:]
+        metrics["answer_loss"] = (sums[1] / mask_rows.sum()).float()
+        metrics["answer_accuracy"] = (correct_rows.sum() / mask_rows.sum()).float()
+        metrics["passkey_exact"] = (correct_rows == mask_rows).float().mean()
+    return loss, metrics
