@@ -161,8 +161,7 @@ def main(argv=None) -> dict:
     model = model.to(device)
     nsa, mc = model.nsa, model.config
     row_bytes = args.batch * mc.num_kv_heads * 2 * mc.head_dim * args.bytes_per_element
-    split_shape = Shape(heads=mc.num_heads, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, stride=nsa.stride,
-                        select_size=nsa.select_size)
+    split_shape = Shape(heads=mc.num_heads, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, nsa=nsa)
     rows, layers = [], []
     for N in parse_sizes(args.n):
         tokens = sample_tokens(config, mc.vocab_size, N, args.batch, args.seed).to(device)

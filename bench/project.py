@@ -40,7 +40,9 @@ import torch
 
 from nsa_dist.kernels import (compressed_attention, gated_sum, num_compressed, select_blocks, selection_attention,
                               window_attention)
+from nsa_dist.layer import NSAConfig
 
+NSA_KNOBS = ("block_len", "stride", "select_size", "top_n", "window", "num_init", "num_local")
 GB = 1e9
 MIB = 2**20
 ID_BYTES = 8  # one block id or count, as the exchange sends them
@@ -66,24 +68,18 @@ def parse_sizes(text: str) -> list[int]:
 
 @dataclass(frozen=True)
 class Shape:
-    """Layer shape and NSA knobs, batch included (B = 1 unless given)."""
+    """Layer shape, the NSA knobs (the library's own NSAConfig), batch (B = 1 unless given) and layers."""
 
     heads: int
     kv_heads: int
     head_dim: int
-    block_len: int = 32
-    stride: int = 16
-    select_size: int = 64
-    top_n: int = 16
-    window: int = 512
-    num_init: int = 1
-    num_local: int = 2
+    nsa: NSAConfig = NSAConfig()
     batch: int = 1
     layers: int = 1
 
     @property
     def halo_len(self) -> int:
-        return max(self.block_len - self.stride, self.window - 1 if self.window else 0)
+        return max(self.nsa.block_len - self.nsa.stride, self.nsa.window - 1 if self.nsa.window else 0)
 
 
 def rank_chunks(rank: int, size: int) -> tuple[int, int]:
@@ -99,17 +95,18 @@ def split_problem(shape: Shape, P: int, N: int) -> str | None:
     if N % (2 * P):
         return f"N={N} does not split into 2P={2 * P} chunks"
     C = N // (2 * P)
-    if C % shape.select_size or C % shape.stride:
-        return f"chunks of {C} tokens are not whole selection blocks ({shape.select_size}) and strides"
+    if C % shape.nsa.select_size or C % shape.nsa.stride:
+        return f"chunks of {C} tokens are not whole selection blocks ({shape.nsa.select_size}) and strides"
     return None
 
 
 def attention_work_per_rank(shape: Shape, P: int, N: int) -> np.ndarray:
     """Forward attention FLOPs of each rank's queries (the count nsa_dist.metrics uses), `[P]`."""
     t = np.arange(N, dtype=np.int64)
-    visible_cmp = np.maximum(0, (t + 1 - shape.block_len) // shape.stride + 1)
-    selected = np.minimum(shape.top_n * shape.select_size, t + 1)
-    window = np.minimum(shape.window, t + 1) if shape.window else 0
+    c = shape.nsa
+    visible_cmp = np.maximum(0, (t + 1 - c.block_len) // c.stride + 1)
+    selected = np.minimum(c.top_n * c.select_size, t + 1)
+    window = np.minimum(c.window, t + 1) if c.window else 0
     per_query = 6 * visible_cmp + 4 * selected + 4 * window
     per_chunk = per_query.reshape(2 * P, -1).sum(1)
     return np.array([per_chunk[a] + per_chunk[b] for a, b in (rank_chunks(r, P) for r in range(P))])
@@ -118,7 +115,8 @@ def attention_work_per_rank(shape: Shape, P: int, N: int) -> np.ndarray:
 def compressed_tokens_per_chunk(shape: Shape, P: int, N: int) -> list[int]:
     """Compressed tokens computed by each chunk: those whose block's last key lies in it."""
     C = N // (2 * P)
-    last = np.arange(num_compressed(N, shape.block_len, shape.stride)) * shape.stride + shape.block_len - 1
+    c = shape.nsa
+    last = np.arange(num_compressed(N, c.block_len, c.stride)) * c.stride + c.block_len - 1
     return np.bincount(last // C, minlength=2 * P).tolist()
 
 
@@ -230,28 +228,33 @@ def busiest_direction(sent_to: list[dict[int, int]]) -> list[dict[int, int]]:
 
 
 class RankInputs:
-    """Random tensors of one rank's local attention work, seeded by (seed, P, N, rank)."""
+    """Random tensors of one rank's local attention work, seeded by (seed, P, N, rank) and drawn on the
+    device (a CPU draw of a million-token K/V buffer takes longer than the kernels). Only the queries
+    exist until `add_attention_inputs`: every rank's selection is needed, one rank's timing."""
 
     def __init__(self, shape: Shape, P: int, N: int, rank: int, k_cmp, v_cmp, *, dtype, device, seed: int):
-        s = shape
-        C = N // (2 * P)
-        gen = torch.Generator(device="cpu").manual_seed(hash((seed, P, N, rank)) % 2**31)
-
-        def randn(*dims):
-            return torch.randn(*dims, generator=gen).to(device=device, dtype=dtype)
-
-        self.starts = [c * C for c in rank_chunks(rank, P)]
-        self.q = [randn(s.batch, C, s.heads, s.head_dim) for _ in self.starts]
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.C = N // (2 * P)
+        self.gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + P * 10_007 + N + rank) % 2**31)
+        self.starts = [c * self.C for c in rank_chunks(rank, P)]
+        self.q = [self.randn(shape.batch, self.C, shape.heads, shape.head_dim) for _ in self.starts]
         self.k_cmp, self.v_cmp = k_cmp, v_cmp
-        self.halo_starts = [max(0, st - s.halo_len) for st in self.starts]
-        self.k_win = [randn(s.batch, st + C - lo, s.kv_heads, s.head_dim) for st, lo in zip(self.starts,
-                                                                                             self.halo_starts)]
-        self.v_win = [randn(*k.shape) for k in self.k_win]
+        self.halo_starts = [max(0, st - shape.halo_len) for st in self.starts]
+
+    def randn(self, *dims):
+        return torch.randn(*dims, generator=self.gen, device=self.device, dtype=self.dtype)
+
+    def add_attention_inputs(self) -> "RankInputs":
+        s, C = self.shape, self.C
+        self.k_win = [self.randn(s.batch, st + C - lo, s.kv_heads, s.head_dim)
+                      for st, lo in zip(self.starts, self.halo_starts)]
+        self.v_win = [self.randn(*k.shape) for k in self.k_win]
         buffer_len = self.starts[1] + C  # global tokens [0, end of the rank's last chunk)
-        self.k_buf = randn(s.batch, buffer_len, s.kv_heads, s.head_dim)
-        self.v_buf = randn(s.batch, buffer_len, s.kv_heads, s.head_dim)
-        self.gates = [[torch.sigmoid(randn(s.batch, C, s.heads)) for _ in range(3)] for _ in self.starts]
-        self.grads = [randn(s.batch, C, s.heads, s.head_dim) for _ in self.starts]
+        self.k_buf = self.randn(s.batch, buffer_len, s.kv_heads, s.head_dim)
+        self.v_buf = self.randn(s.batch, buffer_len, s.kv_heads, s.head_dim)
+        self.gates = [[torch.sigmoid(self.randn(s.batch, C, s.heads)) for _ in range(3)] for _ in self.starts]
+        self.grads = [self.randn(s.batch, C, s.heads, s.head_dim) for _ in self.starts]
+        return self
 
     def leaves(self):
         return [*self.q, self.k_cmp, self.v_cmp, *self.k_win, *self.v_win, self.k_buf, self.v_buf,
@@ -259,30 +262,31 @@ class RankInputs:
 
 
 def selections(shape: Shape, x: RankInputs, N: int, backend: str) -> list[torch.Tensor]:
+    c = shape.nsa
     with torch.no_grad():
         out = []
         for q, start in zip(x.q, x.starts):
-            _, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=shape.block_len, stride=shape.stride,
+            _, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=c.block_len, stride=c.stride,
                                           q_offset=start, seq_len=N, backend=backend)
-            out.append(select_blocks(q, x.k_cmp, lse, block_len=shape.block_len, stride=shape.stride,
-                                     select_size=shape.select_size, top_n=shape.top_n, num_init=shape.num_init,
-                                     num_local=shape.num_local, q_offset=start, seq_len=N, backend=backend))
+            out.append(select_blocks(q, x.k_cmp, lse, block_len=c.block_len, stride=c.stride,
+                                     select_size=c.select_size, top_n=c.top_n, num_init=c.num_init,
+                                     num_local=c.num_local, q_offset=start, seq_len=N, backend=backend))
         return out
 
 
 def rank_forward_backward(shape: Shape, x: RankInputs, N: int, backend: str) -> None:
-    s = shape
+    c = shape.nsa
     pos = dict(seq_len=N, backend=backend)
     loss = 0
     for j, (q, start) in enumerate(zip(x.q, x.starts)):
-        o_cmp, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=s.block_len, stride=s.stride,
+        o_cmp, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=c.block_len, stride=c.stride,
                                           q_offset=start, **pos)
-        idx = select_blocks(q, x.k_cmp, lse, block_len=s.block_len, stride=s.stride, select_size=s.select_size,
-                            top_n=s.top_n, num_init=s.num_init, num_local=s.num_local, q_offset=start, **pos)
-        branches = [o_cmp, selection_attention(q, x.k_buf, x.v_buf, idx, select_size=s.select_size, q_offset=start,
+        idx = select_blocks(q, x.k_cmp, lse, block_len=c.block_len, stride=c.stride, select_size=c.select_size,
+                            top_n=c.top_n, num_init=c.num_init, num_local=c.num_local, q_offset=start, **pos)
+        branches = [o_cmp, selection_attention(q, x.k_buf, x.v_buf, idx, select_size=c.select_size, q_offset=start,
                                                k_offset=0, **pos)]
-        if s.window:
-            branches.append(window_attention(q, x.k_win[j], x.v_win[j], window=s.window, q_offset=start,
+        if c.window:
+            branches.append(window_attention(q, x.k_win[j], x.v_win[j], window=c.window, q_offset=start,
                                              k_offset=x.halo_starts[j], **pos))
         o = gated_sum(branches, x.gates[j][:len(branches)], backend=backend)
         loss = loss + (o.float() * x.grads[j].float()).sum()
@@ -317,7 +321,7 @@ def project_row(shape: Shape, P: int, N: int, net: Network, *, dtype, device, ba
     elt = torch.empty((), dtype=dtype).element_size()
     row_bytes = s.batch * s.kv_heads * 2 * s.head_dim * elt  # K and V of one token, all heads
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    Tc = num_compressed(N, s.block_len, s.stride)
+    Tc = num_compressed(N, s.nsa.block_len, s.nsa.stride)
     k_cmp = torch.randn(s.batch, Tc, s.kv_heads, s.head_dim, generator=gen).to(device=device, dtype=dtype)
     v_cmp = torch.randn(s.batch, Tc, s.kv_heads, s.head_dim, generator=gen).to(device=device, dtype=dtype)
     work = attention_work_per_rank(s, P, N)
@@ -326,16 +330,16 @@ def project_row(shape: Shape, P: int, N: int, net: Network, *, dtype, device, ba
     wanted, timed = [], None
     for r in range(P):
         x = RankInputs(s, P, N, r, k_cmp, v_cmp, dtype=dtype, device=device, seed=seed)
-        wanted.append(remote_blocks(selections(s, x, N, backend), r, P, C, s.select_size) if P > 1 else {})
+        wanted.append(remote_blocks(selections(s, x, N, backend), r, P, C, s.nsa.select_size) if P > 1 else {})
         if r == busiest:
-            timed = x
+            timed = x.add_attention_inputs()
         else:
             del x
     compute_s = time_rank(s, timed, N, backend, repeats=repeats, warmup=warmup, device=device)
     del timed
 
-    xb = exchange_bytes(wanted, P, C, row_bytes, s.select_size)
-    block_bytes = s.select_size * row_bytes + ID_BYTES
+    xb = exchange_bytes(wanted, P, C, row_bytes, s.nsa.select_size)
+    block_bytes = s.nsa.select_size * row_bytes + ID_BYTES
     sent_to = [{d: wanted[d].get(r, 0) * block_bytes for d in range(P) if d != r and wanted[d].get(r, 0)}
                for r in range(P)]
     halo_from = [halo_sources(s, r, P, N) for r in range(P)]
@@ -395,8 +399,7 @@ def shape_from_run(run_dir: Path) -> dict:
     model, nsa = cfg["model"], cfg["nsa"]
     return dict(heads=model["num_heads"], kv_heads=model["num_kv_heads"], head_dim=model["head_dim"],
                 layers=model["num_layers"], batch=cfg["trainer"]["batch_size"],
-                **{k: nsa[k] for k in ("block_len", "stride", "select_size", "top_n", "window", "num_init",
-                                       "num_local")})
+                **{k: nsa[k] for k in NSA_KNOBS})
 
 
 def parse_args(argv=None):
@@ -407,9 +410,8 @@ def parse_args(argv=None):
     p.add_argument("--p", help="sequence-parallel sizes")
     p.add_argument("--tokens-per-gpu", help="tokens per GPU for weak scaling (N = this x P)")
     p.add_argument("--scaling", default="strong,weak", help="strong, weak or both")
-    for name in ("heads", "kv-heads", "head-dim", "block-len", "stride", "select-size", "top-n", "window",
-                 "num-init", "num-local", "batch", "layers"):
-        p.add_argument(f"--{name}", type=int)
+    for name in ("heads", "kv_heads", "head_dim", *NSA_KNOBS, "batch", "layers"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -430,10 +432,10 @@ def resolve(args) -> tuple[Shape, dict]:
         defaults.update(shape_from_run(args.from_run))
     for name in ("n", "p", "tokens_per_gpu"):
         defaults[name] = getattr(args, name) or defaults[name]
-    fields = Shape.__dataclass_fields__
-    shape_kwargs = {k: v for k, v in defaults.items() if k in fields}
-    shape_kwargs.update({k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
-    return Shape(**shape_kwargs), defaults
+    given = {**defaults, **{k: v for k, v in vars(args).items() if v is not None}}
+    nsa = NSAConfig(**{k: given[k] for k in NSA_KNOBS if k in given}).validate()
+    return Shape(nsa=nsa, **{k: given[k] for k in ("heads", "kv_heads", "head_dim", "batch", "layers")
+                             if k in given}), defaults
 
 
 def environment(device: torch.device) -> dict:
@@ -483,9 +485,18 @@ def main(argv=None) -> list[dict]:
             print(f"skip {scaling} P={P} N={N}: {problem}", file=sys.stderr)
             continue
         if (P, N) not in measured:
-            measured[(P, N)] = project_row(shape, P, N, net, dtype=dtype, device=device, backend=args.backend,
-                                           repeats=args.repeats, warmup=args.warmup, overlap=args.overlap,
-                                           seed=args.seed)
+            try:
+                measured[(P, N)] = project_row(shape, P, N, net, dtype=dtype, device=device, backend=args.backend,
+                                               repeats=args.repeats, warmup=args.warmup, overlap=args.overlap,
+                                               seed=args.seed)
+            except torch.cuda.OutOfMemoryError:
+                # one rank's shard does not fit this card: no number rather than a guessed one
+                measured[(P, N)] = None
+                torch.cuda.empty_cache()
+        if measured[(P, N)] is None:
+            print(f"skip {scaling} P={P} N={N}: one rank's work does not fit in this device's memory",
+                  file=sys.stderr)
+            continue
         rows.append({"scaling": scaling, **measured[(P, N)], **env, "dtype": str(dtype).removeprefix("torch."),
                      "overlap": args.overlap, "gpus_per_node": net.gpus_per_node,
                      "inter_node_gbps": net.inter_node_gbps, "shape": asdict(shape), "command": command})

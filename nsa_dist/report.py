@@ -173,7 +173,8 @@ def measured_table(runs: list[Run], projections: list[dict]) -> str:
         side = None if halo is None and compressed is None else (halo or 0) + (compressed or 0)
         ratio = exchanged / allgather if exchanged is not None and allgather else None
         proj = projection_for(run, projections)
-        proj_cell = MISSING if proj is None else f"{proj['tokens_per_s']:.3g} ({rel_diff(run.tokens_per_s, proj['tokens_per_s'])})"
+        proj_cell = MISSING if proj is None else \
+            f"{proj['tokens_per_s']:.3g} ({rel_diff(run.tokens_per_s, proj['tokens_per_s'])})"
         rows.append([run.name, str(run.P), str(run.N), str(run.world_size), fmt(run.tokens_per_s),
                      fmt(run.tokens_per_s_per_gpu), fmt(speedup, ".2f"), str(run.P) if base else MISSING,
                      fmt(speedup / run.P if speedup else None, ".0%"), fmt(run.step_s, ".1f", 1e3),

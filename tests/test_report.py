@@ -23,7 +23,8 @@ def make_sweep(root: Path) -> dict[Path, int]:
     for num, (P, extra) in enumerate(SWEEP.items()):
         run_dir = root / str(num)
         cmd = [sys.executable, "-m", "nsa_dist.train", *TINY, f"parallel.sp={P}", *extra, f"hydra.run.dir={run_dir}"]
-        jobs[run_dir] = (P, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        jobs[run_dir] = (P, proc)
     for run_dir, (P, proc) in jobs.items():
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, f"training {run_dir} failed:\n{out[-3000:]}"
