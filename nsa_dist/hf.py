@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-import weakref
 
 import torch
 import torch.nn as nn
@@ -240,7 +239,10 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([first, end]).to(torch.int32)
 
 
-_input_hooks: "weakref.WeakKeyDictionary[nn.Module, ModelInputs]" = weakref.WeakKeyDictionary()
+def input_hooks(model: nn.Module) -> list[ModelInputs]:
+    """The input hooks of the converted base models in `model` (kept with the modules, so a deep copy
+    of a converted model has its own)."""
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, ModelInputs)]
 
 
 def finish_conversion(model: nn.Module, converted: list, skipped: list):
@@ -259,9 +261,9 @@ def finish_conversion(model: nn.Module, converted: list, skipped: list):
             raise ValueError(f"converted {new.source}, but found no module above it that holds the model's "
                              "rotary embedding (rotary_emb), where position ids become (cos, sin); register "
                              "an adapter for this architecture")
-        hook = _input_hooks.get(base)
+        hook = next(iter(input_hooks(base)), None)
         if hook is None:
-            hook = _input_hooks[base] = ModelInputs(base)
+            hook = ModelInputs(base)
             base.register_forward_pre_hook(hook, with_kwargs=True)
         hook.dense_layers = sorted({*hook.dense_layers, *(n for n, _ in skipped if n.startswith(_prefix(model, base)))})
 
@@ -289,7 +291,7 @@ def _unconverted_attention(module, *args, **kwargs):
 
 def is_converted(model: nn.Module) -> bool:
     """True when `model` holds a Hugging Face model converted by convert_attention."""
-    return any(m in _input_hooks for m in model.modules())
+    return bool(input_hooks(model))
 
 
 def supply_global_positions(model: nn.Module, sp: SequenceParallel | None) -> nn.Module:
@@ -297,7 +299,7 @@ def supply_global_positions(model: nn.Module, sp: SequenceParallel | None) -> nn
     hook then hands the rotary embedding each shard's global positions (per document with a global
     `cu_seqlens=`). `sp=None` returns it to one process. Each NSA layer still needs `sp` itself, which
     nsa_dist.parallelize passes. Returns `model`."""
-    hooks = [_input_hooks[m] for m in model.modules() if m in _input_hooks]
+    hooks = input_hooks(model)
     if not hooks:
         raise ValueError(f"{type(model).__name__} was not converted by nsa_dist.convert_attention with the "
                          "Hugging Face adapter; convert it first")
