@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -94,13 +95,21 @@ def build_engine(model: torch.nn.Module, run: RunConfig, mesh: Mesh, dist_ctx: D
                                 local_rank=dist_ctx.local_rank)
 
 
-def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
-          dist_ctx: DistributedContext = SINGLE_PROCESS) -> TrainResult:
-    """Train on this rank of the job `dist_ctx` describes; every rank calls it, rank 0 writes the outputs."""
+@dataclass(frozen=True)
+class _Job:
+    """What one rank trains with, built from the run config."""
+
+    mesh: Mesh
+    engine: TrainEngine
+    source: Any  # the replica's batch stream (nsa_dist.data.build_source)
+    eval_batch: Batch  # this rank's shard of the fixed eval batch
+    autocast: Any
+    exchange_log: ExchangeLog
+
+
+def _build_job(run: RunConfig, device: torch.device, dist_ctx: DistributedContext, run_dir: Path) -> _Job:
     cfg = run.trainer
-    device = resolve_device(cfg.device)
     mesh = build_mesh(run.parallel, device_type=device.type)
-    sp = mesh.sequence_parallel
     exchange_log = ExchangeLog()
     torch.manual_seed(cfg.seed)
     model = parallelize(NSATransformer(run.model, run.nsa).to(device), mesh,
@@ -113,27 +122,40 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                           generator=torch.Generator().manual_seed(cfg.seed + mesh.dp_rank))
     eval_source = build_source(run.data, vocab_size=run.model.vocab_size,
                                generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
-    eval_batch = shard_batch(eval_source.sample(cfg.eval_batch_size), sp).to(device)
+    eval_batch = shard_batch(eval_source.sample(cfg.eval_batch_size), mesh.sequence_parallel).to(device)
     # DeepSpeed's bf16 runs the whole module in bf16 with fp32 master weights; autocast is the torch path's.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16" and not run.zero.enabled)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = TrainerCheckpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
-                                     cfg.checkpoint_keep, engine=engine, source=source, mesh=mesh)
-    start_step, resumed_from = checkpoints.resume(cfg.resume)
-    tokens_per_step = cfg.batch_size * run.data.seq_len * mesh.dp
-    run_log = RunLog(run_dir, is_main=dist_ctx.is_main, start_step=start_step, log_every=cfg.log_every,
-                     last_step=cfg.steps - 1, device=device, world_size=mesh.world_size,
-                     tokens_per_step=tokens_per_step,
-                     flops_per_step=metrics.model_flops_per_sequence(run.data.seq_len, run.model, run.nsa)
-                     * cfg.batch_size * mesh.dp,
-                     peak_flops=metrics.peak_flops_per_device(device, cfg.peak_flops))
     log.info("model %.2fM parameters on %s; %s data, %d tokens per sequence; mesh dp=%d x sp=%d; %s; run dir %s",
              model.num_parameters() / 1e6, device, run.data.kind, run.data.seq_len, mesh.dp, mesh.sp,
              f"DeepSpeed ZeRO-{run.zero.stage}" if run.zero.enabled else "plain torch", run_dir)
+    return _Job(mesh, engine, source, eval_batch, autocast, exchange_log)
+
+
+def _run_log(run: RunConfig, run_dir: Path, mesh: Mesh, device: torch.device, *, is_main: bool,
+             start_step: int) -> RunLog:
+    cfg = run.trainer
+    sequences = cfg.batch_size * mesh.dp  # per step, all replicas
+    return RunLog(run_dir, is_main=is_main, start_step=start_step, log_every=cfg.log_every, last_step=cfg.steps - 1,
+                  device=device, world_size=mesh.world_size, tokens_per_step=sequences * run.data.seq_len,
+                  flops_per_step=metrics.model_flops_per_sequence(run.data.seq_len, run.model, run.nsa) * sequences,
+                  peak_flops=metrics.peak_flops_per_device(device, cfg.peak_flops))
+
+
+def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
+          dist_ctx: DistributedContext = SINGLE_PROCESS) -> TrainResult:
+    """Train on this rank of the job `dist_ctx` describes; every rank calls it, rank 0 writes the outputs."""
+    cfg = run.trainer
+    device = resolve_device(cfg.device)
+    job = _build_job(run, device, dist_ctx, run_dir)
+    engine, mesh, sp = job.engine, job.mesh, job.mesh.sequence_parallel
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = TrainerCheckpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
+                                     cfg.checkpoint_keep, engine=engine, source=job.source, mesh=mesh)
+    start_step, resumed_from = checkpoints.resume(cfg.resume)
     if resumed_from is not None:
         log.info("resumed from %s at step %d", resumed_from, start_step)
+    run_log = _run_log(run, run_dir, mesh, device, is_main=dist_ctx.is_main, start_step=start_step)
 
     losses: list[float] = []
     eval_metrics: dict[str, float] = {}
@@ -146,17 +168,18 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             step_start = time.perf_counter()
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
-            step_metrics, grad_norm = train_step(engine, source.sample(cfg.batch_size), sp, device, autocast, timer)
+            step_metrics, grad_norm = train_step(engine, job.source.sample(cfg.batch_size), sp, device, job.autocast,
+                                                 timer)
             # host sync: the loss is logged every step
             losses.append(distributed.mean_across_ranks(step_metrics["loss"], mesh.dp_group))
-            exchanged = metrics.exchange_totals(exchange_log.pop()) if sp is not None else None
+            exchanged = metrics.exchange_totals(job.exchange_log.pop()) if sp is not None else None
             tokens_per_s = run_log.step(step, loss=losses[-1], lr=lr, grad_norm=grad_norm,
                                         step_s=time.perf_counter() - step_start, phases=timer.pop(),
                                         exchanged=exchanged, step_metrics=step_metrics)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if _due(step, cfg.eval_every, cfg.steps):
-                eval_metrics = evaluate(engine, eval_batch, autocast, sp)
-                exchange_log.pop()  # the comm/* scalars count training steps only
+                eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp)
+                job.exchange_log.pop()  # the comm/* scalars count training steps only
                 run_log.scalars("eval", eval_metrics, step)
                 log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
             if cfg.checkpoint_every and _due(step, cfg.checkpoint_every, cfg.steps):
@@ -168,10 +191,10 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
         if hparams is not None and losses:
             run_log.hparams(hparams, {"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}})
 
-    checkpoint = _save_final(run_dir / "final.pt", engine, source, run, is_main=dist_ctx.is_main)
+    checkpoint = _save_final(run_dir / "final.pt", engine, job.source, run, is_main=dist_ctx.is_main)
     engine.close()
     steps_run = cfg.steps - start_step
-    job_tokens_per_s = tokens_per_step * steps_run / elapsed
+    job_tokens_per_s = run_log.tokens_per_step * steps_run / elapsed
     if losses:
         answer = eval_metrics.get("answer_accuracy")
         answer_note = "" if answer is None else f", eval answer accuracy {answer:.3f}"
