@@ -10,7 +10,10 @@ its window and selection branches then both attend to every past key, i.e. full 
 window and local blocks should reach less far back than `--min-distance`, so that only selection
 can find the pairs.
 
-    python bench/learn_retrieval.py --task mqar --steps 300 --json bench/results/learn_retrieval.json
+    python bench/learn_retrieval.py --json learn_retrieval.json   # needle at 128 tokens, about 4 min on CPU
+
+MQAR (--task mqar) needs far more steps than a CPU affords: at 64 tokens it stayed near 0.3
+answer accuracy after 200 steps, where the needle reaches 0.99.
 """
 from __future__ import annotations
 
@@ -28,29 +31,29 @@ from nsa_dist.tasks import MQARTask, NeedleTask, TokenLayout, answer_accuracy, a
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("mqar", "needle"), default="mqar")
+    p.add_argument("--task", choices=("mqar", "needle"), default="needle")
     p.add_argument("--models", default="dense,nsa", help="comma list of dense (full attention via window) and nsa")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-pairs", type=int, default=16, help="mqar: key-value pairs per window")
     p.add_argument("--num-queries", type=int, default=16, help="mqar: queries per window")
     p.add_argument("--min-distance", type=int, default=64, help="mqar: fewest tokens from a value to its query")
     p.add_argument("--value-len", type=int, default=2, help="needle: value tokens")
     p.add_argument("--distractors", type=int, default=0, help="needle: needles with other keys")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: depths evaluated one by one at the end")
-    p.add_argument("--key-vocab", type=int, default=64)
-    p.add_argument("--value-vocab", type=int, default=64)
-    p.add_argument("--filler-vocab", type=int, default=64)
+    p.add_argument("--key-vocab", type=int, default=8)
+    p.add_argument("--value-vocab", type=int, default=8)
+    p.add_argument("--filler-vocab", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--block-len", type=int, default=16)
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--select-size", type=int, default=32)
+    p.add_argument("--block-len", type=int, default=8)
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--select-size", type=int, default=16)
     p.add_argument("--top-n", type=int, default=4, help="selected blocks, the initial and 2 local ones included")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=20)
