@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from multirank import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RAY_PORT = int(os.environ.get("NSA_RAY_PORT", 6380))
@@ -119,9 +120,7 @@ def test_torchrun_style_two_ranks_on_this_host(tmp_path):
 
 def test_two_torchrun_nodes_meet_at_one_rendezvous(tmp_path):
     """The multi-node path, as two 'nodes' on this host that meet only through the rendezvous endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     node = ("launcher=torchrun", "launcher.nnodes=2", "launcher.nproc_per_node=1",
             f"launcher.rdzv_endpoint=127.0.0.1:{port}", "launcher.rdzv_id=two_nodes", *TINY)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
