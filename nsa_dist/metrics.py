@@ -98,8 +98,11 @@ class PhaseTimer:
         return out
 
 
-def exchange_totals(stats: list) -> dict[str, int]:
-    """Bytes this rank sent in one step, summed over layer calls, against the all-gather baseline."""
+def exchange_totals(stats: list) -> dict[str, float]:
+    """Bytes this rank sent in one step, summed over layer calls, against the all-gather baseline; and,
+    when the calls were timed, the seconds of each collective (`<name>_s`, forward and backward,
+    summed over layers). Untimed calls add no `_s` entry, so a run without timers logs none rather
+    than zeros that would read as measurements."""
     totals = {"exchange_bytes": 0, "halo_bytes": 0, "compressed_bytes": 0, "allgather_bytes": 0,
               "fell_back": 0}
     for s in stats:
@@ -108,4 +111,6 @@ def exchange_totals(stats: list) -> dict[str, int]:
         totals["compressed_bytes"] += s.compressed_bytes
         totals["allgather_bytes"] += s.allgather_bytes
         totals["fell_back"] += int(s.fell_back)
+        for name, seconds in s.seconds.items():
+            totals[f"{name}_s"] = totals.get(f"{name}_s", 0.0) + seconds
     return totals

@@ -20,12 +20,12 @@ from nsa_dist.kernels import (compressed_attention, gated_sum, select_blocks, se
                               window_attention)
 
 from .collectives import all_gather_ints
-from .exchange import (ExchangeStats, all_gather_compressed, exchange_selected_blocks, grid_owner,
+from .exchange import (COLLECTIVES, ExchangeStats, all_gather_compressed, exchange_selected_blocks, grid_owner,
                        place_rows, plan_selected_blocks, ring_steps, selected_grid_extent)
 from .halo import exchange_halo
 from .mesh import SequenceParallel
 from .sharding import check_length, rank_chunks
-from .state import ExchangeLog, PlanCache
+from .state import UNTIMED, ExchangeLog, PlanCache, stopwatches
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,13 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
     after their sigmoid; `compress_k/v` map key/value blocks `[B, n, l, H, D]` to compressed tokens
     `[B, n, H, D]`; `config` an NSAConfig; `cu_seqlens` global. `plans` keeps the index plans that
     depend only on shapes across calls (none kept when None). With `sp` and `log`, the call's byte
-    counts are recorded into `log` as one ExchangeStats.
+    counts are recorded into `log` as one ExchangeStats; with a timed `log`, so are the seconds of
+    each collective, forward and backward.
     """
     c = config
     plans = PlanCache() if plans is None else plans
     cu = _check_inputs(sp, q.shape[1], c, cu_seqlens)
+    seconds, timers = stopwatches(COLLECTIVES, q.device, timed=sp is not None and log is not None and log.timed)
     chunks = local_chunks(q.shape[1], sp)
     (k_cmp_src, v_cmp_src), (k_slc, v_slc), (k_win, v_win) = branch_kv(k, v)
     pos = dict(scale=None, cu_seqlens=cu_seqlens, seq_len=chunks.seq_len, backend=c.backend)
@@ -133,7 +135,7 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
     halo_len = max(cmp_halo, c.window - 1 if c.window else 0)
     shared = k_win is k_cmp_src
     extended, halo_bytes = with_halo([k_cmp_src, v_cmp_src] + ([] if shared or not c.window else [k_win, v_win]),
-                                     sp, halo_len, plans)
+                                     sp, halo_len, plans, timers["halo"])
 
     plan = plans.get(("compressed", chunks, c.block_len, c.stride, cu),
                      lambda: compressed_plan(chunks, c.block_len, c.stride, cu), q.device)
@@ -144,7 +146,7 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
         k_blocks.append(parts[0][:, gather])  # (B, n, l, H, D)
         v_blocks.append(parts[1][:, gather])
     k_cmp, v_cmp, cmp_bytes = gather_compressed(compress_k(_cat(k_blocks)), compress_v(_cat(v_blocks)),
-                                                plan.chunk_counts, sp, plans)
+                                                plan.chunk_counts, sp, plans, timers["compressed_allgather"])
 
     q_chunks = q.split(chunks.chunk_len, 1)
     o_cmp, idx = [], []
@@ -154,7 +156,7 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
         # top-n is discrete: the ids carry no gradient; φ and the gates learn through o_cmp and the gated sum
         idx.append(select_blocks(qj, k_cmp, lse, block_len=c.block_len, stride=c.stride, select_size=c.select_size,
                                  top_n=c.top_n, num_init=c.num_init, num_local=c.num_local, q_offset=start, **pos))
-    o_slc, xplan = selected_attention(q_chunks, idx, chunks, k_slc, v_slc, sp, c, pos, plans)
+    o_slc, xplan = selected_attention(q_chunks, idx, chunks, k_slc, v_slc, sp, c, pos, plans, timers["exchange"])
 
     outs = []
     for j, (qj, start) in enumerate(zip(q_chunks, chunks.starts)):
@@ -170,7 +172,7 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
         log.record(ExchangeStats(mode="all_gather" if gathered else sp.exchange, fell_back=xplan.fall_back,
                                  exchange_bytes=xplan.exchange_bytes, halo_bytes=halo_bytes,
                                  compressed_bytes=cmp_bytes, allgather_bytes=xplan.allgather_bytes,
-                                 blocks_fetched=0 if gathered else int(xplan.remote.numel())))
+                                 blocks_fetched=0 if gathered else int(xplan.remote.numel()), seconds=seconds))
     return _cat(outs)
 
 
@@ -179,28 +181,29 @@ def _cat(chunks: list) -> torch.Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)
 
 
-def with_halo(tensors: list, sp: SequenceParallel | None, halo_len: int, plans: PlanCache):
+def with_halo(tensors: list, sp: SequenceParallel | None, halo_len: int, plans: PlanCache, timer=UNTIMED):
     """Each local chunk of `tensors` with the `halo_len` tokens before it: `[(parts, first global index)]`
     and the bytes sent. Without `sp` the one chunk is the whole sequence and has no halo."""
     if sp is None:
         return [(tensors, 0)], 0
     widths = [t.shape[-1] for t in tensors]
-    extended, halo_bytes = exchange_halo(torch.cat(tensors, -1), sp, halo_len, plans=plans)
+    extended, halo_bytes = exchange_halo(torch.cat(tensors, -1), sp, halo_len, plans=plans, timer=timer)
     return [(x.split(widths, -1), lo) for x, lo in extended], halo_bytes
 
 
-def gather_compressed(k_cmp, v_cmp, chunk_counts: list, sp: SequenceParallel | None, plans: PlanCache):
+def gather_compressed(k_cmp, v_cmp, chunk_counts: list, sp: SequenceParallel | None, plans: PlanCache,
+                      timer=UNTIMED):
     """All compressed keys and values in global order from the rank's own, and the bytes sent; without
     `sp` the rank's own are all of them."""
     if sp is None:
         return k_cmp, v_cmp, 0
-    both, nbytes = all_gather_compressed(torch.cat([k_cmp, v_cmp], -1), chunk_counts, sp, plans=plans)
+    both, nbytes = all_gather_compressed(torch.cat([k_cmp, v_cmp], -1), chunk_counts, sp, plans=plans, timer=timer)
     k_all, v_all = both.split([k_cmp.shape[-1], v_cmp.shape[-1]], -1)
     return k_all, v_all, nbytes
 
 
 def selected_attention(q_chunks, idx, chunks: LocalChunks, k_slc, v_slc, sp: SequenceParallel | None, config, pos,
-                       plans: PlanCache):
+                       plans: PlanCache, timer=UNTIMED):
     """Selected attention of each local chunk, and the exchange plan (None without `sp`). With `sp` the
     blocks other ranks own are fetched first by `sp.exchange`, or attended step by step as the ring
     brings them."""
@@ -212,16 +215,18 @@ def selected_attention(q_chunks, idx, chunks: LocalChunks, k_slc, v_slc, sp: Seq
     widths = [k_slc.shape[-1], v_slc.shape[-1]]
     xplan = None
     if sp.exchange != "all_gather":
-        xplan = plan_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=pos["cu_seqlens"])
+        xplan = plan_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, cu_seqlens=pos["cu_seqlens"],
+                                     timer=timer)
     if xplan is not None and sp.exchange == "ring" and not xplan.fall_back:
         return ring_selection_attention(q_chunks, idx, chunks.starts, kv_slc, xplan, sp, widths, c, pos,
-                                        plans), xplan
+                                        plans, timer), xplan
     (k_buf, v_buf), xplan = exchange_selected_blocks(kv_slc, idx, sp, select_size=c.select_size, widths=widths,
-                                                     cu_seqlens=pos["cu_seqlens"], plan=xplan, plans=plans)
+                                                     cu_seqlens=pos["cu_seqlens"], plan=xplan, plans=plans,
+                                                     timer=timer)
     return [selection_attention(qj, k_buf, v_buf, ids, select_size=c.select_size, q_offset=start, k_offset=0, **pos)
             for qj, ids, start in zip(q_chunks, idx, chunks.starts)], xplan
 def ring_selection_attention(q_chunks, idx, chunk_starts, kv, plan, sp: SequenceParallel, widths, config, pos,
-                             plans: PlanCache | None = None):
+                             plans: PlanCache | None = None, timer=UNTIMED):
     """Selected attention while the ring brings the blocks: at step `s` each query attends to the
     selected blocks whose keys have all arrived by then (those of ranks `r`, `r-1`, .., `r-s`) while
     step `s+1` is in flight; the partial results merge by their log-sum-exps, exactly."""
@@ -236,7 +241,7 @@ def ring_selection_attention(q_chunks, idx, chunk_starts, kv, plan, sp: Sequence
         ready.append(torch.where(valid, torch.maximum(arrival(first), arrival(last)), -1))
     buffers = None
     partial = [[] for _ in q_chunks]
-    for step, positions, rows in ring_steps(kv, plan, sp, select_size=c.select_size, plans=plans):
+    for step, positions, rows in ring_steps(kv, plan, sp, select_size=c.select_size, plans=plans, timer=timer):
         buffers = place_rows(rows, positions, (2 * P - r) * (T2 // 2), widths, into=buffers)
         k_buf, v_buf = buffers
         for j, (qj, ids, start) in enumerate(zip(q_chunks, idx, chunk_starts)):

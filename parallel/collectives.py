@@ -1,5 +1,8 @@
 """Differentiable collectives along dim 0: each one's backward is the reverse exchange.
 
+Each takes a `timer`, a context manager that every transfer (forward and backward) runs inside:
+`UNTIMED` by default, a `parallel.state.Stopwatch` when the caller times its collectives.
+
 Written here rather than taken from torch.distributed.nn so that the gradient rule is explicit:
 a block sent from `s` to `d` sends its gradient from `d` back to `s`, where autograd (through
 the `index_select` / `repeat` that built the send buffer) sums the copies.
@@ -9,17 +12,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .state import UNTIMED
 
-def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], sp) -> torch.Tensor:
+
+def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], sp, timer=UNTIMED) -> torch.Tensor:
     """`x [sum(send_splits), ...]`, rows grouped by destination rank → rows grouped by source rank."""
-    return _AllToAll.apply(x, list(send_splits), list(recv_splits), sp)
+    return _AllToAll.apply(x, list(send_splits), list(recv_splits), sp, timer)
 
 
-def ring_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], sp) -> torch.Tensor:
+def ring_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], sp,
+                    timer=UNTIMED) -> torch.Tensor:
     """Same result as `all_to_all`, moved in `P-1` point-to-point steps: step `s` sends to `r+s` and
     receives from `r-s`, so each link carries one peer's blocks at a time; step `s+1` is posted
     before step `s` is waited on."""
-    return _RingAllToAll.apply(x, list(send_splits), list(recv_splits), sp)
+    return _RingAllToAll.apply(x, list(send_splits), list(recv_splits), sp, timer)
 
 
 def _all_to_all(x, send_splits, recv_splits, sp):
@@ -54,36 +60,41 @@ def _ring(x, send_splits, recv_splits, sp, direction: int):
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, sp):
-        ctx.splits, ctx.sp = (send_splits, recv_splits), sp
-        return _all_to_all(x, send_splits, recv_splits, sp)
+    def forward(ctx, x, send_splits, recv_splits, sp, timer):
+        ctx.splits, ctx.sp, ctx.timer = (send_splits, recv_splits), sp, timer
+        with timer:
+            return _all_to_all(x, send_splits, recv_splits, sp)
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
-        return _all_to_all(grad, recv_splits, send_splits, ctx.sp), None, None, None
+        with ctx.timer:
+            return _all_to_all(grad, recv_splits, send_splits, ctx.sp), None, None, None, None
 
 
 class _RingAllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, sp):
-        ctx.splits, ctx.sp = (send_splits, recv_splits), sp
-        return _ring(x, send_splits, recv_splits, sp, direction=1)
+    def forward(ctx, x, send_splits, recv_splits, sp, timer):
+        ctx.splits, ctx.sp, ctx.timer = (send_splits, recv_splits), sp, timer
+        with timer:
+            return _ring(x, send_splits, recv_splits, sp, direction=1)
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
-        return _ring(grad, recv_splits, send_splits, ctx.sp, direction=-1), None, None, None
+        with ctx.timer:
+            return _ring(grad, recv_splits, send_splits, ctx.sp, direction=-1), None, None, None, None
 
 
-def all_gather_ints(values, sp) -> list[list[int]]:
+def all_gather_ints(values, sp, timer=UNTIMED) -> list[list[int]]:
     """Every rank's `values` (a list of ints or an integer tensor, same length on every rank) as
     Python ints; one host sync, after the collective."""
     device = collective_device(sp.group)
     mine = torch.as_tensor(values, dtype=torch.int64).to(device)
     out = [torch.empty_like(mine) for _ in range(sp.size)]
-    dist.all_gather(out, mine, group=sp.group)
-    return torch.stack(out).tolist()  # host sync: splits of the following collectives are host ints
+    with timer:
+        dist.all_gather(out, mine, group=sp.group)
+        return torch.stack(out).tolist()  # host sync: splits of the following collectives are host ints
 
 
 def collective_device(group) -> torch.device:

@@ -9,7 +9,7 @@ block of a packed document (which starts at its document's first token) touches 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,9 +19,12 @@ from nsa_dist.kernels import token_layout
 from .collectives import all_gather_ints, all_to_all, ring_all_to_all
 from .mesh import SequenceParallel
 from .sharding import chunk_owner, global_positions, global_positions_of, local_index, rank_chunks
-from .state import PlanCache
+from .state import UNTIMED, PlanCache
 
 ID_BYTES = 8
+# What `ExchangeStats.seconds` is keyed by: the halo, the compressed all-gather, and the selected K/V's
+# movement (counts and ids, then the blocks by all-to-all or ring steps, or the all-gather fallback).
+COLLECTIVES = ("halo", "compressed_allgather", "exchange")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class ExchangeStats:
     """Bytes one rank sent to other ranks in one NSA layer's forward (the backward sends as many back).
 
     `allgather_bytes` is what the plain context-parallel baseline (an all-gather of the selection
-    K/V) would have sent instead of `exchange_bytes`.
+    K/V) would have sent instead of `exchange_bytes`. `seconds` holds the wall time of each of
+    `COLLECTIVES` that ran, forward plus backward, when the `ExchangeLog` is timed (empty when not);
+    the backward adds its share after the layer call returns, so read it after the backward.
     """
 
     mode: str  # how the selected K/V moved: "all_to_all", "ring" or "all_gather"
@@ -39,6 +44,7 @@ class ExchangeStats:
     compressed_bytes: int
     allgather_bytes: int
     blocks_fetched: int  # remote selection blocks this rank received
+    seconds: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def total_bytes(self) -> int:
@@ -46,15 +52,15 @@ class ExchangeStats:
 
 
 def all_gather_compressed(pieces: torch.Tensor, chunk_counts: list[int], sp: SequenceParallel, *,
-                          plans: PlanCache | None = None):
+                          plans: PlanCache | None = None, timer=UNTIMED):
     """All compressed tokens in global order, from each rank's `pieces [B, n_r, ...]` (the tokens of its
     chunk r, then of chunk 2P-1-r; `chunk_counts[c]` tokens in chunk c). Its backward sums the
     gradient of each rank's tokens over all ranks (a reduce-scatter). Returns the tensor and the
-    bytes sent."""
+    bytes sent. The transfer (and its backward) runs inside `timer`."""
     P = sp.size
     per_rank = [sum(chunk_counts[c] for c in rank_chunks(s, P)) for s in range(P)]
     rows = pieces.transpose(0, 1)  # (n_r, B, ...)
-    got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [per_rank[sp.rank]] * P, per_rank, sp)
+    got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [per_rank[sp.rank]] * P, per_rank, sp, timer)
     order = (plans or PlanCache()).get(("compressed_order", P, tuple(chunk_counts)),
                                        lambda: _chunk_order(chunk_counts, P), rows.device)
     row_bytes = rows[:1].numel() * rows.element_size()
@@ -98,7 +104,7 @@ class SelectedBlocksPlan:
 
 
 def plan_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
-                         cu_seqlens: torch.Tensor | None = None) -> SelectedBlocksPlan:
+                         cu_seqlens: torch.Tensor | None = None, timer=UNTIMED) -> SelectedBlocksPlan:
     """Counts of the remote grid blocks every rank needs (one all-gather) and the fallback decision."""
     P, r = sp.size, sp.rank
     T2 = kv.shape[1]
@@ -122,7 +128,7 @@ def plan_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequence
     remote, remote_owner = remote[order], remote_owner[order]
     per_owner = torch.zeros(P, dtype=torch.int64, device=kv.device).index_add_(  # bincount would sync on CUDA
         0, remote_owner, torch.ones_like(remote_owner))
-    counts = all_gather_ints(per_owner, sp)  # host sync: splits are ints
+    counts = all_gather_ints(per_owner, sp, timer)  # host sync: splits are ints
     counts_bytes = ID_BYTES * P * (P - 1)
     received = [sum(counts[d][s] for s in range(P) if s != d) * (block_bytes + ID_BYTES) for d in range(P)]
     if sp.fallback and P > 1 and max(received) >= allgather_bytes:
@@ -138,13 +144,14 @@ def grid_owner(grid: torch.Tensor, blocks_per_chunk: int, size: int) -> torch.Te
     return chunk_owner(torch.div(grid, blocks_per_chunk, rounding_mode="floor"), size)
 
 
-def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, select_size: int):
+def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, select_size: int,
+                    timer=UNTIMED):
     """Tell each owner which of its blocks this rank wants (ids), and gather the rows the others asked
     for: `(rows [S, B, H, F] grouped by requester, rows per requester, rows per owner)`."""
     P, r = sp.size, sp.rank
     asks = plan.counts[r]
     asked = [plan.counts[d][r] for d in range(P)]
-    requested = all_to_all(plan.remote, asks, asked, sp)  # ids of my blocks, grouped by requester
+    requested = all_to_all(plan.remote, asks, asked, sp, timer)  # ids of my blocks, grouped by requester
     offs = torch.arange(select_size, device=kv.device)
     send_tokens = local_index((requested[:, None] * select_size + offs).flatten(), kv.shape[1] // 2, P)
     rows = kv.transpose(0, 1).index_select(0, send_tokens)  # (S, B, H, F)
@@ -153,7 +160,8 @@ def _requested_rows(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequencePara
 
 def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: SequenceParallel, *, select_size: int,
                              widths: list[int], cu_seqlens: torch.Tensor | None = None,
-                             plan: SelectedBlocksPlan | None = None, plans: PlanCache | None = None):
+                             plan: SelectedBlocksPlan | None = None, plans: PlanCache | None = None,
+                             timer=UNTIMED):
     """Key buffers holding global tokens `[0, hi)` that cover every block the rank's queries selected,
     from the local `kv [B, 2C, H, F]` (K and V side by side, `widths` of each) and the per-chunk
     `idx [B, C, H, n]`: one contiguous `[B, hi, H, width]` tensor per part, so kernels need no copy.
@@ -161,7 +169,8 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
     Positions no query selected stay zero (never read); `hi` is the end of the rank's last chunk.
     The blocks move by `sp.exchange` (the ring here moves them all before returning; the layer's
     ring path instead attends to each step's blocks while the next step is in flight) or, when
-    `plan.fall_back`, by an all-gather. Returns `(buffers, plan)`.
+    `plan.fall_back`, by an all-gather; every transfer (and its backward) runs inside `timer`.
+    Returns `(buffers, plan)`.
     """
     P, r = sp.size, sp.rank
     T2 = kv.shape[1]
@@ -172,12 +181,12 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
         plan = SelectedBlocksPlan(remote=kv.new_zeros(0, dtype=torch.int64), counts=[], fall_back=False,
                                   exchange_bytes=ag, allgather_bytes=ag)
     else:
-        plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens)
+        plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens, timer=timer)
     if plan.fall_back or sp.exchange == "all_gather":
-        return [part.contiguous() for part in _all_gather_kv(kv, sp, plans)[:, :hi].split(widths, -1)], plan
-    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
+        return [part.contiguous() for part in _all_gather_kv(kv, sp, plans, timer)[:, :hi].split(widths, -1)], plan
+    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size, timer)
     move = ring_all_to_all if sp.exchange == "ring" else all_to_all
-    fetched = move(rows, send_splits, recv_splits, sp).transpose(0, 1)  # (B, R, H, F)
+    fetched = move(rows, send_splits, recv_splits, sp, timer).transpose(0, 1)  # (B, R, H, F)
     offs = torch.arange(select_size, device=kv.device)
     positions = torch.cat([global_positions(sp, T2, kv.device, plans=plans), (plan.remote[:, None] * select_size + offs).flatten()])
     return place_rows(torch.cat([kv, fetched], 1), positions, hi, widths), plan
@@ -193,13 +202,15 @@ def place_rows(rows: torch.Tensor, positions: torch.Tensor, length: int, widths:
 
 
 def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel, *, select_size: int,
-               plans: PlanCache | None = None):
+               plans: PlanCache | None = None, timer=UNTIMED):
     """The selected blocks step by step: yields `(step, positions, rows [B, R_s, H, F])`, step 0 the
     local chunks, step `s` the blocks of rank `r-s`. Step `s+1` is posted before step `s` is
-    yielded, so whatever the caller computes on step `s` overlaps the next transfer."""
+    yielded, so whatever the caller computes on step `s` overlaps the next transfer. `timer` times
+    the ids, each step's posting and each wait, forward and backward: the transfer time the
+    attention did not hide (a timed GPU run syncs around them, so nothing is hidden there)."""
     P, r = sp.size, sp.rank
     T2 = kv.shape[1]
-    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size)
+    rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size, timer)
     sends = rows.split(send_splits)
     offs = torch.arange(select_size, device=kv.device)
     remote_by_owner = plan.remote.split([n // select_size for n in recv_splits])
@@ -207,7 +218,8 @@ def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel,
 
     def post(s):
         if s < P:
-            posted[s] = ring_step(sends[(r + s) % P], recv_splits[(r - s) % P], (r + s) % P, (r - s) % P, sp)
+            posted[s] = ring_step(sends[(r + s) % P], recv_splits[(r - s) % P], (r + s) % P, (r - s) % P, sp,
+                                  timer)
 
     post(1)
     yield 0, global_positions(sp, T2, kv.device, plans=plans), kv
@@ -218,7 +230,7 @@ def ring_steps(kv: torch.Tensor, plan: SelectedBlocksPlan, sp: SequenceParallel,
         yield s, (remote_by_owner[src][:, None] * select_size + offs).flatten(), got.transpose(0, 1)
 
 
-def ring_step(x: torch.Tensor, recv_rows: int, dst: int, src: int, sp: SequenceParallel):
+def ring_step(x: torch.Tensor, recv_rows: int, dst: int, src: int, sp: SequenceParallel, timer=UNTIMED):
     """Post one ring step: send `x` to `dst`, receive `recv_rows` rows from `src`. Returns the receive
     buffer, to be read only through `finish_ring_step`, and the step's link.
 
@@ -228,14 +240,15 @@ def ring_step(x: torch.Tensor, recv_rows: int, dst: int, src: int, sp: SequenceP
     transfer; the step's own node hands on the gradient being received; an identity node in front
     waits for it where the gradient of `x` is finally needed.
     """
-    link = {"meta": (x.shape[0], dst, src, sp)}
+    link = {"meta": (x.shape[0], dst, src, sp), "timer": timer}
     return _RingStep.apply(_AwaitReverseStep.apply(x, link), recv_rows, link), link
 
 
 def finish_ring_step(got: torch.Tensor, link: dict) -> torch.Tensor:
     """Wait for a step's rows to arrive; the result carries the gradient back by the reverse step."""
-    for req in link.pop("forward"):
-        req.wait()
+    with link["timer"]:
+        for req in link.pop("forward"):
+            req.wait()
     return _PostReverseStep.apply(got, link)
 
 
@@ -244,7 +257,8 @@ class _RingStep(torch.autograd.Function):
     def forward(ctx, x, recv_rows, link):
         ctx.link = link
         _, dst, src, sp = link["meta"]
-        got, link["forward"] = _post_send_recv(x.contiguous(), recv_rows, dst, src, sp)
+        with link["timer"]:
+            got, link["forward"] = _post_send_recv(x.contiguous(), recv_rows, dst, src, sp)
         return got
 
     @staticmethod
@@ -262,7 +276,8 @@ class _PostReverseStep(torch.autograd.Function):
     def backward(ctx, grad):
         send_rows, dst, src, sp = ctx.link["meta"]
         grad = grad.contiguous()
-        dx, reqs = _post_send_recv(grad, send_rows, src, dst, sp)
+        with ctx.link["timer"]:
+            dx, reqs = _post_send_recv(grad, send_rows, src, dst, sp)
         ctx.link["reverse"] = (reqs, grad, dx)  # the sent gradient must live until the wait
         return grad, None
 
@@ -276,8 +291,9 @@ class _AwaitReverseStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         reqs, _, _ = ctx.link.pop("reverse")
-        for req in reqs:
-            req.wait()
+        with ctx.link["timer"]:
+            for req in reqs:
+                req.wait()
         return grad, None
 
 
@@ -291,11 +307,11 @@ def _post_send_recv(x, recv_rows, dst, src, sp):
     return got, (dist.batch_isend_irecv(ops) if ops else [])
 
 
-def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None) -> torch.Tensor:
+def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None, timer=UNTIMED) -> torch.Tensor:
     """Every rank's K/V in global order, `[B, N, H, F]`; the backward returns each rank its gradient."""
     P, T2 = sp.size, kv.shape[1]
     rows = kv.transpose(0, 1)  # (2C, B, H, F)
-    got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [T2] * P, [T2] * P, sp)  # grouped by rank
+    got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [T2] * P, [T2] * P, sp, timer)  # grouped by rank
     where = (plans or PlanCache()).get(("all_gather_order", P, T2), lambda: torch.sort(
         torch.cat([global_positions_of(s, P, T2) for s in range(P)])).indices, kv.device)
     return got.index_select(0, where).transpose(0, 1)

@@ -14,7 +14,7 @@ import torch
 
 from .collectives import all_to_all
 from .mesh import SequenceParallel
-from .state import PlanCache
+from .state import UNTIMED, PlanCache
 from .sharding import chunk_owner, local_index, rank_chunks
 
 
@@ -46,11 +46,11 @@ def token_fetch_plan(requests: list[torch.Tensor], rank: int, size: int, chunk_l
                           restore=restore, rows_sent_remote=sum(send_splits) - send_splits[rank])
 
 
-def fetch_tokens(x: torch.Tensor, plan: TokenFetchPlan, sp: SequenceParallel) -> torch.Tensor:
+def fetch_tokens(x: torch.Tensor, plan: TokenFetchPlan, sp: SequenceParallel, timer=UNTIMED) -> torch.Tensor:
     """`x [B, 2C, ...]` local → `[B, R, ...]` the requested tokens, differentiable; the plan's index
     tensors on `x`'s device."""
     rows = x.transpose(0, 1).index_select(0, plan.send_index)  # (S, B, ...)
-    got = all_to_all(rows, plan.send_splits, plan.recv_splits, sp)  # (R, B, ...), grouped by source
+    got = all_to_all(rows, plan.send_splits, plan.recv_splits, sp, timer)  # (R, B, ...), grouped by source
     return got.index_select(0, plan.restore).transpose(0, 1)
 
 
@@ -72,12 +72,14 @@ def halo_plan(sp: SequenceParallel, chunk_len: int, halo_len: int, device=None, 
     return (plans or PlanCache()).get(("halo", sp.rank, sp.size, chunk_len, halo_len), build, device)
 
 
-def exchange_halo(x: torch.Tensor, sp: SequenceParallel, halo_len: int, *, plans: PlanCache | None = None):
+def exchange_halo(x: torch.Tensor, sp: SequenceParallel, halo_len: int, *, plans: PlanCache | None = None,
+                  timer=UNTIMED):
     """Each local chunk with its halo in front: `[(x_ext [B, h_j + C, ...], first global index)]` for
-    the rank's two chunks, and the bytes sent to other ranks."""
+    the rank's two chunks, and the bytes sent to other ranks. The transfer (and its backward) runs
+    inside `timer`."""
     chunk_len = x.shape[1] // 2
     plan = halo_plan(sp, chunk_len, halo_len, x.device, plans=plans)
-    halo = fetch_tokens(x, plan, sp)
+    halo = fetch_tokens(x, plan, sp, timer)
     starts = halo_starts(sp.rank, sp.size, chunk_len, halo_len)
     out, at = [], 0
     for j, (s, c) in enumerate(zip(starts, rank_chunks(sp.rank, sp.size))):

@@ -97,6 +97,8 @@ class ParallelConfig:
     exchange: str = "all_to_all"  # all_to_all | ring | all_gather (the plain context-parallel baseline)
     fallback: bool = True  # per step, use the all-gather when the exchange would move more bytes
     check_inputs: bool = True  # a small all-gather per layer call that catches mismatched shards
+    # wall time of each collective into the ExchangeLog (comm/*_s); a device sync around each one
+    time_collectives: bool = False
 
     def validate(self) -> "ParallelConfig":
         if self.sp < 1:
