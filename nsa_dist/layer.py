@@ -5,6 +5,8 @@
                                                                      └─ sliding-window attention ───────────┘
 `SparseAttention` is everything right of RoPE (φ, the gates, the op sequence), for a model that brings
 its own projections and rotary embedding; `NativeSparseAttention` adds q/k/v/o projections and RoPE.
+`DenseAttention` is the baseline every comparison runs against: the same projections and RoPE, then
+causal softmax attention over every past key (no φ, no gates).
 One op sequence (nsa_dist.parallel.nsa_forward) serves one rank and a sequence shard alike; the ops
 live in nsa_dist.kernels, and these modules own only the parameters.
 """
@@ -14,9 +16,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nsa_dist.kernels import BACKENDS
-from nsa_dist.parallel import ExchangeLog, PlanCache, SequenceParallel, document_positions, nsa_forward
+from nsa_dist.parallel import (ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions,
+                               global_positions, nsa_forward)
+from nsa_dist.parallel.collectives import all_to_all
+from nsa_dist.parallel.sharding import global_positions_of
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -92,6 +98,38 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class RotaryProjections:
+    """q/k/v/o projections and RoPE at given positions, shared by the NSA layer and its dense baseline so
+    that both hold the same parameters under the same names. Expects `hidden_size`, `num_heads`,
+    `num_kv_heads`, `head_dim`, `num_kv_sets` and `rope_theta` on the module."""
+
+    def build_projections(self):
+        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(self.hidden_size, self.num_kv_sets * 2 * self.num_kv_heads * self.head_dim,
+                                 bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """q `[B, T, HQ, D]` and k, v `[B, T, H, D]` (three of each with `num_kv_sets == 3`), rotated at `positions`."""
+        B, T, _ = x.shape
+        q = rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions, self.rope_theta)
+        kv = self.kv_proj(x).view(B, T, self.num_kv_sets, 2, self.num_kv_heads, self.head_dim)
+        k = [rope(kv[:, :, i, 0], positions, self.rope_theta) for i in range(self.num_kv_sets)]
+        v = [kv[:, :, i, 1] for i in range(self.num_kv_sets)]
+        return (q, k[0], v[0]) if self.num_kv_sets == 1 else (q, tuple(k), tuple(v))
+
+    def check_input(self, x: torch.Tensor):
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+
+
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int):
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {head_dim}")
+
+
 class SparseAttention(nn.Module):
     """NSA over queries, keys and values that are already projected and rotated: compression φ for K and
     V, the branch gates (`gate`, from the layer input `x`) and the op sequence.
@@ -130,7 +168,7 @@ class SparseAttention(nn.Module):
                            sp=sp, cu_seqlens=cu_seqlens, plans=self.plans, log=log)
 
 
-class NativeSparseAttention(SparseAttention):
+class NativeSparseAttention(RotaryProjections, SparseAttention):
     """NSA self-attention over `x [B, T, hidden_size]` → `[B, T, hidden_size]`.
 
     `num_heads` query heads share `num_kv_heads` key/value heads (group size G >= 1 divides).
@@ -144,8 +182,7 @@ class NativeSparseAttention(SparseAttention):
                  stride: int = 16, select_size: int = 64, top_n: int = 16, window: int = 512, num_init: int = 1,
                  num_local: int = 2, compression: str = "mlp", separate_kv: bool = False, rope_theta: float = 10000.0,
                  backend: str = "auto"):
-        if head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {head_dim}")
+        check_heads(num_heads, num_kv_heads, head_dim)
         config = NSAConfig(block_len=block_len, stride=stride, select_size=select_size, top_n=top_n, window=window,
                            num_init=num_init, num_local=num_local, compression=compression, separate_kv=separate_kv,
                            backend=backend)
@@ -158,25 +195,89 @@ class NativeSparseAttention(SparseAttention):
 
     def build_projections(self):
         self.num_kv_sets = 3 if self.config.separate_kv else 1  # (cmp, slc, win) or one shared K/V
-        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(self.hidden_size, self.num_kv_sets * 2 * self.num_kv_heads * self.head_dim,
-                                 bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
-
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """q `[B, T, HQ, D]` and k, v `[B, T, H, D]` (three of each with `separate_kv`), rotated at `positions`."""
-        B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions, self.rope_theta)
-        kv = self.kv_proj(x).view(B, T, self.num_kv_sets, 2, self.num_kv_heads, self.head_dim)
-        k = [rope(kv[:, :, i, 0], positions, self.rope_theta) for i in range(self.num_kv_sets)]
-        v = [kv[:, :, i, 1] for i in range(self.num_kv_sets)]
-        return (q, k[0], v[0]) if self.num_kv_sets == 1 else (q, tuple(k), tuple(v))
+        super().build_projections()
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None,
                 log: ExchangeLog | None = None) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+        self.check_input(x)
         B, T, _ = x.shape
         q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
         o = super().forward(x, q, k, v, cu_seqlens=cu_seqlens, sp=sp, log=log)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class DenseAttention(RotaryProjections, nn.Module):
+    """Causal softmax attention over every past key (SDPA, GQA), NSA's baseline: the q/k/v/o projections
+    and RoPE of `NativeSparseAttention` under the same names and init, without φ and gates, so that a
+    comparison of the two changes only the attention.
+
+    `forward(x, *, cu_seqlens=None, sp=None, log=None)` as the NSA layer's: `cu_seqlens` packs
+    documents (B == 1; attention and RoPE restart per document). With `sp`, `x` is this rank's zigzag
+    shard; every rank all-gathers the K/V of the whole sequence (the plain context-parallel scheme)
+    and masks by global position; the gradients of the gathered K/V return to their owners and are
+    summed there. Its bytes go into `log` as an all-gather.
+    """
+
+    num_kv_sets = 1
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float = 10000.0):
+        super().__init__()
+        check_heads(num_heads, num_kv_heads, head_dim)
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.rope_theta = head_dim, rope_theta
+        self.plans = PlanCache()
+        self.build_projections()
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None,
+                log: ExchangeLog | None = None) -> torch.Tensor:
+        self.check_input(x)
+        B, T, _ = x.shape
+        q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
+        if sp is not None:
+            kv = torch.cat([k, v], -1)  # (B, T, H, 2D)
+            k, v = gather_sequence(kv, sp).split(self.head_dim, -1)  # (B, N, H, D) each, in global order
+            if log is not None:
+                sent = kv[:, :1].numel() * kv.element_size() * T * (sp.size - 1)
+                log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
+                                         compressed_bytes=0, allgather_bytes=sent, blocks_fetched=0))
+        o = causal_attention(q, k, v, None if sp is None else global_positions(sp, T, x.device, plans=self.plans),
+                             cu_seqlens)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_positions: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of `q [B, T, HQ, D]` over `k`, `v` `[B, N, H, D]` (the whole sequence), each query
+    seeing the keys at or before it (and, with `cu_seqlens`, in its document). `query_positions [T]` are
+    the queries' global positions; None means `0..T-1` with `N == T`."""
+    mask = None
+    if query_positions is not None or cu_seqlens is not None:
+        keys = torch.arange(k.shape[1], device=q.device)
+        queries = keys if query_positions is None else query_positions
+        mask = keys[None, :] <= queries[:, None]  # (T, N)
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+            document = torch.searchsorted(cu, keys, right=True)  # (N,) document index of each key
+            mask &= document[None, :] == document[queries][:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)  # (B, HQ, T, D)
+    return o.transpose(1, 2)
+
+
+def gather_sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """The whole sequence `[B, N, ...]` in global order from every rank's zigzag shard `x [B, T, ...]`.
+
+    Unlike `nsa_dist.parallel.unshard`, each rank may use the result differently (its own queries): the
+    backward sends each rank's gradient of every token to the token's owner, which sums them. An
+    all-to-all of `P` copies does both: its backward is the reverse all-to-all, and the copies' gradients
+    add up in the `repeat`.
+    """
+    T = x.shape[1]
+    rows = x.movedim(1, 0)  # (T, B, ...)
+    got = all_to_all(rows.repeat(sp.size, *([1] * (rows.dim() - 1))), [T] * sp.size, [T] * sp.size, sp)  # (P*T, B, ...)
+    owner_order = torch.cat([global_positions_of(r, sp.size, T) for r in range(sp.size)]).to(x.device)
+    return got[torch.argsort(owner_order)].movedim(0, 1)
+
+
+ATTENTION_LAYERS = (SparseAttention, DenseAttention)  # what nsa_dist.parallelize runs on sequence shards

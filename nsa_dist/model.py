@@ -1,4 +1,5 @@
-"""A small LLaMA-style decoder whose attention is NSA: RMSNorm, RoPE on global positions, SwiGLU."""
+"""A small LLaMA-style decoder whose attention is NSA (or, as the baseline, dense): RMSNorm, RoPE on global
+positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.models.build_model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +9,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nsa_dist.layer import NativeSparseAttention, NSAConfig
+from nsa_dist.convert import GATE_INITS
+from nsa_dist.layer import DenseAttention, NativeSparseAttention, NSAConfig
+
+MODEL_KINDS = ("nsa", "hf_llama")
+ATTENTIONS = ("nsa", "dense")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture, and which model is built from it: `kind="nsa"` is `NSATransformer`,
+    `kind="hf_llama"` a Hugging Face `LlamaForCausalLM` of the same shape (or loaded from
+    `pretrained_path`) converted to NSA with `gate_init`. `attention="dense"` keeps full causal
+    attention instead of NSA, the baseline of every comparison."""
+
+    kind: str = "nsa"
+    attention: str = "nsa"
+    pretrained_path: str | None = None  # kind=hf_llama: a local Hugging Face checkpoint directory
+    gate_init: str = "preserve"  # kind=hf_llama: how the converted gates start (nsa_dist.convert_attention)
     vocab_size: int = 256
     hidden_size: int = 256
     num_layers: int = 4
@@ -37,6 +51,12 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"invalid model config: num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+        for name, allowed in (("kind", MODEL_KINDS), ("attention", ATTENTIONS), ("gate_init", GATE_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"invalid model config: {name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.pretrained_path is not None and self.kind != "hf_llama":
+            raise ValueError(f"invalid model config: pretrained_path is read by kind=hf_llama only, not "
+                             f"kind={self.kind}")
         return self
 
 
@@ -66,8 +86,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, nsa: NSAConfig):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = NativeSparseAttention.from_config(config.hidden_size, config.num_heads, config.num_kv_heads,
-                                                      config.head_dim, nsa, rope_theta=config.rope_theta)
+        if config.attention == "dense":
+            self.attn = DenseAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                                       rope_theta=config.rope_theta)
+        else:
+            self.attn = NativeSparseAttention.from_config(config.hidden_size, config.num_heads, config.num_kv_heads,
+                                                          config.head_dim, nsa, rope_theta=config.rope_theta)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_size)
 
@@ -77,7 +101,9 @@ class DecoderLayer(nn.Module):
 
 
 class NSATransformer(nn.Module):
-    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every NSA layer.
+    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every attention layer.
+
+    Its attention is NSA, or `DenseAttention` with `config.attention="dense"` (which reads no NSAConfig).
 
     With `sp=SequenceParallel(...)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
     and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global, and
@@ -91,6 +117,8 @@ class NSATransformer(nn.Module):
     def __init__(self, config: ModelConfig, nsa: NSAConfig = NSAConfig()):
         super().__init__()
         self.config = config.validate()
+        if config.kind != "nsa":
+            raise ValueError(f"NSATransformer is model.kind=nsa; kind={config.kind} is built by nsa_dist.build_model")
         self.nsa = nsa.validate()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, nsa) for _ in range(config.num_layers))
