@@ -33,7 +33,7 @@ from nsa_dist.data import Batch, build_source
 from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.engine import DeepSpeedTrainEngine, TrainEngine
 from nsa_dist.loss import shard_batch, token_metrics
-from nsa_dist.model import NSATransformer
+from nsa_dist.models import build_model
 from nsa_dist.parallel import ExchangeLog, Mesh, SequenceParallel, build_mesh
 from nsa_dist.parallelize import parallelize
 from nsa_dist.run_log import RunLog
@@ -112,7 +112,7 @@ def _build_job(run: RunConfig, device: torch.device, dist_ctx: DistributedContex
     mesh = build_mesh(run.parallel, device_type=device.type)
     exchange_log = ExchangeLog()
     torch.manual_seed(cfg.seed)
-    model = parallelize(NSATransformer(run.model, run.nsa).to(device), mesh,
+    model = parallelize(build_model(run.model, run.nsa).to(device), mesh,
                         activation_checkpointing=cfg.activation_checkpointing, exchange_log=exchange_log)
     distributed.broadcast_parameters(model, dist_ctx)
     engine = build_engine(model, run, mesh, dist_ctx)
