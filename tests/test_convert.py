@@ -15,12 +15,13 @@ transformers = pytest.importorskip("transformers")
 from nsa_dist import NSAConfig, NSATransformer, ModelConfig  # noqa: E402
 from nsa_dist import convert as convert_module  # noqa: E402
 from nsa_dist.convert import convert_attention, register_adapter  # noqa: E402
-from nsa_dist.hf import HFSparseAttention, supply_global_positions  # noqa: E402
+from nsa_dist.hf import HFSparseAttention  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
 
 NSA = NSAConfig(block_len=8, stride=4, select_size=16, top_n=3, window=64, backend="torch")
 VOCAB = 97
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "own_model.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "own_model.md"
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -188,31 +189,39 @@ def test_nsa_models_stay_and_adapters_can_be_added(monkeypatch):
     assert convert_module.registered_adapters()[0].name == "mixer"
 
 
-def own_model_snippet() -> str:
-    text = DOCS.read_text()
-    section = text.split("## Use it in your model", 1)[1]
+def own_model_snippet(path: Path = DOCS) -> str:
+    section = path.read_text().split("## Use it in your model", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def test_the_readme_shows_the_snippet_the_docs_run():
+    assert own_model_snippet(ROOT / "README.md") == own_model_snippet()
+
+
 def sequence_parallel_ranks(rank, world_size, snippet):
-    from nsa_dist import parallelize
+    from nsa_dist import causal_lm_loss, parallelize, shard_batch
     from nsa_dist.parallel import SequenceParallel, shard, unshard
 
     nsa = NSAConfig(block_len=8, stride=4, select_size=16, top_n=3, window=32, backend="torch")
     reference = convert_attention(tiny_model(seed=1), nsa, gate_init="uniform").train()
     model = copy.deepcopy(reference)
     torch.manual_seed(2)
-    tokens = torch.randint(0, VOCAB, (1, 129))  # 128 inputs, 4x the window: every branch matters
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    full = reference(input_ids=inputs).logits
-    F.cross_entropy(full.flatten(0, 1), targets.flatten()).backward()
+    inputs = torch.randint(0, VOCAB, (1, 128))  # 4x the window: every branch matters
+    labels = inputs.clone()
+    labels[:, 40:52] = -100  # ignored tokens count neither in the sum nor in the mean
+    full = reference(input_ids=inputs, labels=labels)
+    full.loss.backward()
 
     sp = SequenceParallel()
-    supply_global_positions(parallelize(model, sp), sp)
-    local = model(input_ids=shard(inputs, sp)).logits
-    F.cross_entropy(local.flatten(0, 1), shard(targets, sp).flatten(), reduction="sum").div(targets.numel()).backward()
-    logits_error = rel(local.detach(), shard(full.detach(), sp))
-    gathered_error = rel(unshard(local.detach(), sp), full.detach())
+    parallelize(model, sp)  # no supply_global_positions: parallelize hands the shards their positions
+    batch = shard_batch({"input_ids": inputs, "labels": labels}, sp)
+    local_labels = batch.pop("labels")
+    local = model(**batch).logits
+    loss = causal_lm_loss(local, local_labels, sp)
+    loss.backward()
+    logits_error = rel(local.detach(), shard(full.logits.detach(), sp))
+    gathered_error = rel(unshard(local.detach(), sp), full.logits.detach())
+    loss_error = abs(loss.item() - full.loss.item())
     grad_errors = {}
     for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters()):
         g = p.grad.clone()
@@ -221,13 +230,25 @@ def sequence_parallel_ranks(rank, world_size, snippet):
     with pytest.raises(ValueError, match="global positions"):
         model(input_ids=shard(inputs, sp), position_ids=torch.arange(64)[None])
 
+    # packed documents as Hugging Face collators give them: position_ids restarting at each document
+    position_ids = torch.cat([torch.arange(n) for n in (45, 60, 23)])[None]
+    with torch.no_grad():
+        packed_full = reference(input_ids=inputs, position_ids=position_ids).logits
+        packed = shard_batch({"input_ids": inputs, "position_ids": position_ids}, sp)
+        packed_labels = packed.pop("labels")
+        packed_error = rel(model(**packed).logits, shard(packed_full, sp))
+    packed_cu = packed["cu_seqlens"].tolist()
+    document_ends_ignored = bool((unshard(packed_labels[..., None], sp)[0, [44, 104, 127], 0] == -100).all())
+
     exec(compile(snippet, str(DOCS), "exec"), {"__name__": "own_model_snippet"})
-    return logits_error, gathered_error, grad_errors
+    return logits_error, gathered_error, loss_error, grad_errors, packed_error, packed_cu, document_ends_ignored
 
 
 def test_sequence_parallel_equals_one_process_and_the_docs_snippet_runs():
-    for logits_error, gathered_error, grad_errors in run_ranks(sequence_parallel_ranks, 2, own_model_snippet()):
+    for logits_error, gathered_error, loss_error, grad_errors, packed_error, packed_cu, ends_ignored in run_ranks(
+            sequence_parallel_ranks, 2, own_model_snippet()):
         assert logits_error < 1e-5 and gathered_error < 1e-5
+        assert loss_error < 1e-5  # causal_lm_loss's value is the whole sequence's, on every rank
         # Some of φ's gradients are zero at its init, up to rounding on both sides, so a relative error
         # means nothing there: its MLP's output layer starts at zero (nothing reaches the first layer),
         # and the key side's output bias and position table (through the mean) shift all of a query's
@@ -237,6 +258,7 @@ def test_sequence_parallel_equals_one_process_and_the_docs_snippet_runs():
         worst = max(set(grad_errors) - rounding, key=lambda n: grad_errors[n][0])
         assert grad_errors[worst][0] < 1e-4, (worst, grad_errors[worst])
         assert any("compress_k" in n for n in grad_errors) and any(".gate." in n for n in grad_errors)
+        assert packed_cu == [0, 45, 105, 128] and packed_error < 1e-5 and ends_ignored
 
 
 def test_nsa_dist_imports_no_transformers():
