@@ -2,9 +2,9 @@
 
 Runs an NSATransformer on one device over a sequence of N tokens — the weights and the data task of
 a training run's `final.pt`, or random weights and random tokens without one — records each layer's
-top-n block ids (recomputed from the layer's own projections and φ with the public ops, by a
-forward pre-hook; the layer is not changed), and for every rank of a zigzag split over P ranks
-reports the fraction of its queries' selections that are remote, the bytes it would fetch
+top-n block ids (nsa_dist.selection_stats: recomputed from the layer's own projections and φ with
+the public ops, by a forward pre-hook; the layer is not changed), and for every rank of a zigzag
+split over P ranks reports the fraction of its queries' selections that are remote, the bytes it would fetch
 (the union of remote blocks, with their ids) against the all-gather of all K/V, and which way the
 library's fallback rule would move each layer's selected K/V.
 
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # project.py beside th
 from project import exchange_bytes, parse_sizes, rank_chunks, remote_blocks, split_problem, Shape  # noqa: E402
 
 from nsa_dist.data import DataConfig, build_source  # noqa: E402
-from nsa_dist.kernels import compressed_attention, compression_blocks, select_blocks  # noqa: E402
-from nsa_dist.layer import NativeSparseAttention, NSAConfig  # noqa: E402
+from nsa_dist.layer import NSAConfig  # noqa: E402
 from nsa_dist.model import ModelConfig, NSATransformer  # noqa: E402
+from nsa_dist.selection_stats import selected_blocks_per_layer  # noqa: E402
 
 
 def _known(cls, values: dict) -> dict:
@@ -74,35 +74,6 @@ def sample_tokens(config: dict | None, vocab_size: int, N: int, batch: int, seed
         except (ValueError, FileNotFoundError) as err:
             print(f"random tokens: the training data does not give {N} tokens here ({err})", file=sys.stderr)
     return torch.randint(0, vocab_size, (batch, N), generator=generator)
-
-
-def selected_blocks_per_layer(model: NSATransformer, tokens: torch.Tensor, backend: str) -> list[torch.Tensor]:
-    """Each NSA layer's `idx [B, N, H, n]`, from the layer's own projections and compression."""
-    picked = []
-
-    def record(layer: NativeSparseAttention, args, kwargs):
-        x = args[0]
-        c = layer.config
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = layer.project(x, positions)
-        if isinstance(k, (tuple, list)):  # separate_kv: (compression, selection, window) sets
-            k, v = k[0], v[0]
-        k_cmp = layer.compress_k(compression_blocks(k, c.block_len, c.stride))
-        v_cmp = layer.compress_v(compression_blocks(v, c.block_len, c.stride))
-        _, lse = compressed_attention(q, k_cmp, v_cmp, block_len=c.block_len, stride=c.stride, backend=backend)
-        picked.append(select_blocks(q, k_cmp, lse, block_len=c.block_len, stride=c.stride,
-                                    select_size=c.select_size, top_n=c.top_n, num_init=c.num_init,
-                                    num_local=c.num_local, backend=backend))
-
-    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-    return picked
 
 
 def remote_selection_fraction(idx_chunks: list[torch.Tensor], rank: int, P: int, chunk_len: int,
@@ -165,7 +136,7 @@ def main(argv=None) -> dict:
     rows, layers = [], []
     for N in parse_sizes(args.n):
         tokens = sample_tokens(config, mc.vocab_size, N, args.batch, args.seed).to(device)
-        picked = selected_blocks_per_layer(model, tokens, nsa.backend)
+        picked = selected_blocks_per_layer(model, tokens)
         for P in parse_sizes(args.p):
             problem = split_problem(split_shape, P, N)
             if problem:
