@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA_KINDS = ("passkey", "text", "tokens")
+DATA_KINDS = ("passkey", "text", "tokens", "mqar", "needle")
 TOKEN_DTYPES = ("uint8", "uint16")
 
 
@@ -30,6 +30,20 @@ class DataConfig:
     path: str | None = None
     token_dtype: str = "uint16"
     passkey_digits: int = 5
+    # mqar and needle (nsa_dist.tasks): noise, key and value ids in model.vocab_size, then each task's shape
+    filler_vocab: int = 64
+    key_vocab: int = 96
+    value_vocab: int = 96
+    num_pairs: int = 16  # mqar: key-value pairs per window
+    num_queries: int = 16  # mqar: keys asked for at the end
+    min_distance: int = 64  # mqar: fewest tokens from a pair to its query
+    pair_start: int = 64  # mqar: no pair in the first tokens (NSA always attends to its initial block)
+    key_len: int = 1  # needle
+    value_len: int = 2  # needle: the answers
+    num_distractors: int = 0  # needle: needles with other keys
+    depth_min: float = 0.0  # needle: where it sits, drawn uniformly per window (0: first, 1: last)
+    depth_max: float = 1.0
+    loss_on: str = "all"  # all | answers: which targets the training loss averages over
 
     def validate(self) -> "DataConfig":
         if self.kind not in DATA_KINDS:
@@ -51,6 +65,9 @@ class DataConfig:
             if self.seq_len + 1 < shortest:
                 raise ValueError(f"data.seq_len={self.seq_len} cannot hold the passkey needle and question "
                                  f"({shortest} bytes with {self.passkey_digits} digits): raise data.seq_len")
+        from nsa_dist.tasks import check_task_config  # tasks builds on this module's Batch
+
+        check_task_config(self)
         return self
 
 
@@ -189,6 +206,10 @@ def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator
         if vocab_size < 256:
             raise ValueError(f"data=passkey is byte-level: model.vocab_size must be at least 256, got {vocab_size}")
         return PasskeyTask(seq_len=cfg.seq_len, digits=cfg.passkey_digits, generator=generator)
+    if cfg.kind in ("mqar", "needle"):
+        from nsa_dist.tasks import build_task
+
+        return build_task(cfg, vocab_size=vocab_size, generator=generator)
     dtype = "uint8" if cfg.kind == "text" else cfg.token_dtype
     tokens = load_token_file(cfg.path, dtype)
     return WindowSampler(tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, generator=generator,

@@ -260,3 +260,43 @@ def answer_loss(logits: torch.Tensor, batch: Batch, all_tokens_weight: float = 0
     if all_tokens_weight:
         loss = loss + all_tokens_weight * per_token.mean()
     return loss
+
+
+RETRIEVAL_KINDS = ("mqar", "needle")
+LOSS_ON = ("all", "answers")
+ANSWERED_KINDS = ("passkey",) + RETRIEVAL_KINDS  # the data kinds whose batches carry an answer mask
+
+
+def build_task(cfg, *, vocab_size: int, generator: torch.Generator) -> MQARTask | NeedleTask:
+    """The task `data=mqar|needle` describes (`cfg` a `nsa_dist.data.DataConfig`), over `vocab_size` ids."""
+    try:
+        layout = TokenLayout(vocab_size=vocab_size, filler_vocab=cfg.filler_vocab, key_vocab=cfg.key_vocab,
+                             value_vocab=cfg.value_vocab)
+        if cfg.kind == "mqar":
+            return MQARTask(seq_len=cfg.seq_len, num_pairs=cfg.num_pairs, num_queries=cfg.num_queries,
+                            min_distance=cfg.min_distance, pair_start=cfg.pair_start, layout=layout,
+                            generator=generator)
+        if cfg.kind == "needle":
+            depth = (cfg.depth_min, cfg.depth_max)
+            if not 0.0 <= cfg.depth_min <= cfg.depth_max <= 1.0:
+                raise ValueError(f"need 0 <= depth_min <= depth_max <= 1, got {depth}")
+            return NeedleTask(seq_len=cfg.seq_len, key_len=cfg.key_len, value_len=cfg.value_len,
+                              num_distractors=cfg.num_distractors, depth=depth, layout=layout, generator=generator)
+    except ValueError as e:
+        raise ValueError(f"data={cfg.kind}: {e} (the data.* keys of the same names; vocab_size is "
+                         f"model.vocab_size)") from e
+    raise ValueError(f"data.kind={cfg.kind!r} is not a retrieval task: choose one of {RETRIEVAL_KINDS}")
+
+
+def check_task_config(cfg) -> None:
+    """Raise ValueError, naming the data.* key, when `cfg` asks for a task or a loss that cannot be made.
+
+    The vocabulary is checked where the model's is known (`build_task`); here the ranges fill it exactly.
+    """
+    if cfg.loss_on not in LOSS_ON:
+        raise ValueError(f"unknown data.loss_on={cfg.loss_on!r}: choose one of {LOSS_ON}")
+    if cfg.loss_on == "answers" and cfg.kind not in ANSWERED_KINDS:
+        raise ValueError(f"data.loss_on=answers needs answers: data={cfg.kind} has none; use one of {ANSWERED_KINDS}")
+    if cfg.kind in RETRIEVAL_KINDS:
+        used = max(1, cfg.filler_vocab) + max(1, cfg.key_vocab) + max(1, cfg.value_vocab)
+        build_task(cfg, vocab_size=used, generator=torch.Generator())
