@@ -32,6 +32,7 @@ from nsa_dist.config import RunConfig, TrainConfig, run_config
 from nsa_dist.data import Batch, build_source
 from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.engine import DeepSpeedTrainEngine, TrainEngine
+from nsa_dist.eval import run_retrieval_metrics
 from nsa_dist.loss import shard_batch, token_metrics
 from nsa_dist.models import build_model
 from nsa_dist.parallel import ExchangeLog, Mesh, SequenceParallel, build_mesh
@@ -179,6 +180,7 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if _due(step, cfg.eval_every, cfg.steps):
                 eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp)
+                eval_metrics.update(run_retrieval_metrics(run, engine.module, device=device, sp=sp))
                 job.exchange_log.pop()  # the comm/* scalars count training steps only
                 run_log.scalars("eval", eval_metrics, step)
                 log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
