@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 
 MISSING = "—"
 STATISTIC = "median over the logged steps after the first (all steps when only one was logged)"
-# time/* scalars that time communication; the trainer's forward/backward phases include them when logged
-COMM_TIMERS = {"exchange": "time/exchange_s", "all-gather": "time/allgather_s", "halo": "time/halo_s"}
+# The collectives' seconds per step (forward + backward, summed over layers) that a run with
+# parallel.time_collectives logs (metrics.exchange_totals); the forward/backward phases include them.
+COMM_TIMERS = {"exchange": "comm/exchange_s", "compressed all-gather": "comm/compressed_allgather_s",
+               "halo": "comm/halo_s"}
 COMPUTE_PHASES = ("time/forward_s", "time/backward_s", "time/optimizer_s")
 COMM_BYTES = ("comm/exchange_bytes", "comm/halo_bytes", "comm/compressed_bytes", "comm/allgather_bytes")
 
@@ -107,10 +109,11 @@ class Run:
 
 
 def load_run(path: Path, root_names: list[Path]) -> Run:
-    cfg = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
-    parallel = cfg.get("parallel") or {}
-    P = int(parallel.get("sp") or 1)
-    world = P * int(parallel.get("dp") or 1)
+    import nsa_dist.parallel  # noqa: F401 - registers ${mul:...}, which a weak-scaling data.seq_len is written with
+
+    cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+    P = int(OmegaConf.select(cfg, "parallel.sp", default=None) or 1)
+    world = P * int(OmegaConf.select(cfg, "parallel.dp", default=None) or 1)
     dist_file = path / "distributed.json"
     if dist_file.is_file():
         world = int(json.loads(dist_file.read_text()).get("world_size", world))
@@ -119,7 +122,8 @@ def load_run(path: Path, root_names: list[Path]) -> Run:
     if log_file.is_file():
         step_log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     name = next((str(path.relative_to(r)) for r in root_names if path.is_relative_to(r) and path != r), path.name)
-    return Run(path=path, name=name, P=P, N=int(cfg["data"]["seq_len"]), dp=max(1, world // P), world_size=world,
+    return Run(path=path, name=name, P=P, N=int(OmegaConf.select(cfg, "data.seq_len")), dp=max(1, world // P),
+               world_size=world,
                scalars=read_scalars(path / "tensorboard"), step_log=step_log)
 
 
@@ -162,7 +166,8 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def measured_table(runs: list[Run], projections: list[dict]) -> str:
     header = ["run", "P", "N", "GPUs", "tokens/s", "tokens/s/GPU", "speed-up", "ideal", "efficiency",
-              "step ms", "compute ms", "exchange ms", "all-gather ms", "halo ms", "exchanged MB", "halo+cmp MB",
+              "step ms", "compute ms", "exchange ms", "compressed all-gather ms", "halo ms", "exchanged MB",
+              "halo+cmp MB",
               "all-gather MB", "exchanged / all-gather", "peak mem GiB", "MFU", "projected tokens/s (Δ)"]
     rows = []
     for run in runs:
@@ -179,7 +184,7 @@ def measured_table(runs: list[Run], projections: list[dict]) -> str:
                      fmt(run.tokens_per_s_per_gpu), fmt(speedup, ".2f"), str(run.P) if base else MISSING,
                      fmt(speedup / run.P if speedup else None, ".0%"), fmt(run.step_s, ".1f", 1e3),
                      fmt(split["compute"], ".1f", 1e3), fmt(split["exchange"], ".2f", 1e3),
-                     fmt(split["all-gather"], ".2f", 1e3), fmt(split["halo"], ".2f", 1e3),
+                     fmt(split["compressed all-gather"], ".2f", 1e3), fmt(split["halo"], ".2f", 1e3),
                      fmt(exchanged, ".3g", 1e-6), fmt(side, ".3g", 1e-6), fmt(allgather, ".3g", 1e-6),
                      fmt(ratio, ".2f"), fmt(run.peak_memory_bytes, ".2f", 2**-30), fmt(run.stat("train/mfu"), ".1%"),
                      proj_cell])
@@ -187,7 +192,7 @@ def measured_table(runs: list[Run], projections: list[dict]) -> str:
 
 
 def projection_table(projections: list[dict]) -> str:
-    header = ["scaling", "P", "N", "card", "compute ms", "exchange ms", "all-gather ms", "halo ms",
+    header = ["scaling", "P", "N", "card", "compute ms", "exchange ms", "compressed all-gather ms", "halo ms",
               "all-gather baseline ms", "step ms", "tokens/s", "tokens/s/GPU", "speed-up", "efficiency",
               "selected K/V by", "source"]
     rows = [[p.get("scaling", MISSING), str(p["P"]), str(p["N"]), p.get("card", MISSING),
@@ -358,8 +363,9 @@ def write_report(paths: list[Path], out: Path, projection_files: list[Path] = ()
              "efficiency is speed-up / P. Bytes are what rank 0 sent per step, summed over layers (comm/* scalars). "
              f"{MISSING} marks what the runs do not log.", ""]
     if runs and all(run.time_split()["exchange"] is None for run in runs):
-        parts += ["The runs log no communication timers (time/exchange_s, time/allgather_s, time/halo_s): "
-                  "compute is forward + backward + optimizer and includes any communication.", ""]
+        parts += [f"The runs log no communication timers ({', '.join(COMM_TIMERS.values())}; a run logs them "
+                  "with parallel.time_collectives=true): compute is forward + backward + optimizer and includes "
+                  "any communication.", ""]
     parts += ["## Measured", "", measured_table(runs, projections) if runs else "No measured runs.", ""]
     if projections:
         parts += ["## Projections (modelled, not measured)", "",

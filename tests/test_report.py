@@ -1,34 +1,31 @@
-"""`python -m nsa_dist.report` over two real tiny training runs (P = 1 and P = 2 at one N) and a projection."""
+"""`python -m nsa_dist.report` over the real CPU scaling sweep (`-m experiment=scaling_smoke`: P = 1 and 2
+at one N, collectives timed) and a projection."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nsa_dist import report
 
 REPO = Path(__file__).resolve().parents[1]
-N = 256
-TINY = ["trainer.steps=3", f"data.seq_len={N}", "trainer.batch_size=1", "trainer.eval_batch_size=1",
-        "trainer.progress_bar=false"]
-# One run dir per job, numbered as a --multirun sweep numbers them. When conf/experiment/scaling_smoke.yaml
-# exists, make_sweep becomes one `python -m nsa_dist.train -m experiment=scaling_smoke hydra.sweep.dir=ROOT`.
-SWEEP = {1: [], 2: ["launcher=torchrun", "launcher.nproc_per_node=2"]}
+N = 256  # conf/experiment/scaling_smoke.yaml's data.seq_len
 
 
 def make_sweep(root: Path) -> dict[Path, int]:
-    """Train the sweep's runs side by side (each a real trainer process); returns run dir -> P."""
-    jobs = {}
-    for num, (P, extra) in enumerate(SWEEP.items()):
-        run_dir = root / str(num)
-        cmd = [sys.executable, "-m", "nsa_dist.train", *TINY, f"parallel.sp={P}", *extra, f"hydra.run.dir={run_dir}"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        jobs[run_dir] = (P, proc)
-    for run_dir, (P, proc) in jobs.items():
-        out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, f"training {run_dir} failed:\n{out[-3000:]}"
-    return {run_dir: P for run_dir, (P, _) in jobs.items()}
+    """Run the smoke sweep as a user would, one `--multirun` into `root`; returns run dir -> P."""
+    cmd = [sys.executable, "-m", "nsa_dist.train", "-m", "experiment=scaling_smoke", f"hydra.sweep.dir={root}"]
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert done.returncode == 0, f"the sweep failed:\n{done.stdout[-3000:]}"
+    runs = {}
+    for config in sorted(root.glob("*/.hydra/config.yaml")):
+        cfg = yaml.safe_load(config.read_text())
+        assert cfg["data"]["seq_len"] == N
+        runs[config.parent.parent] = cfg["parallel"]["sp"]
+    assert sorted(runs.values()) == [1, 2], f"the sweep's jobs: {runs}"
+    return runs
 
 
 def write_projection(run_dir: Path, out: Path) -> None:
@@ -68,7 +65,16 @@ def test_one_row_per_run_with_its_P_and_N(built):
     # the P = 2 run exchanges K/V and logs the all-gather baseline; P = 1 moves nothing and says so
     assert float(by_P["2"]["all-gather MB"]) > 0 and by_P["1"]["all-gather MB"] == report.MISSING
     assert by_P["1"]["MFU"] == report.MISSING  # no peak FLOPs on CPU: not made up
-    assert by_P["1"]["exchange ms"] == report.MISSING  # the trainer has no communication timers yet
+
+
+def test_the_time_split_comes_from_the_communication_timers(built):
+    _, out, _ = built
+    by_P = {r["P"]: r for r in table_rows((out / "report.md").read_text(), "Measured")}
+    timers = ("exchange ms", "compressed all-gather ms", "halo ms")
+    # P = 1 runs no collective, so there is nothing to time; P = 2 times all three (parallel.time_collectives)
+    assert all(by_P["1"][t] == report.MISSING for t in timers)
+    assert all(float(by_P["2"][t]) > 0 for t in timers), by_P["2"]
+    assert 0 < float(by_P["2"]["compute ms"]) < float(by_P["2"]["step ms"])
 
 
 def test_plots_are_real_pngs(built):
