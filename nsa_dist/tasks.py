@@ -16,6 +16,9 @@ Each yields `nsa_dist.data.Batch` like `PasskeyTask` (targets are inputs shifted
 `torch.Generator`, and checkpoints its stream with `state_dict()`. `sample_with_sources` also returns,
 for every answer, the input position of the token it copies (`targets == inputs[sources]` there,
 -1 elsewhere), so an evaluation can ask whether the block holding it was selected.
+
+`build_task` makes either from a `DataConfig` (`data=mqar`, `data=needle`; nsa_dist.data.build_source
+calls it), and `check_task_config` refuses settings it cannot make, naming the data.* key.
 """
 from __future__ import annotations
 

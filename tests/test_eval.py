@@ -228,3 +228,24 @@ def test_a_vocabulary_too_small_for_the_ranges_is_refused():
 
     with pytest.raises(ValueError, match=r"data=needle: .*exceeds vocab_size=128.*model\.vocab_size"):
         build_source(DataConfig(kind="needle"), vocab_size=128, generator=torch.Generator())
+
+
+def test_learn_retrieval_writes_one_results_file_per_day_and_card(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "learn_retrieval.py"
+    spec = importlib.util.spec_from_file_location("learn_retrieval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--seq-len", "32,64", "--steps", "2", "--eval-every", "2", "--batch-size", "2", "--eval-batches", "1",
+                "--depths", "0.5", "--hidden", "32", "--results-dir", str(tmp_path)])
+    (written,) = tmp_path.glob("*/retrieval_cpu.json")
+    record = json.loads(written.read_text())
+    assert written.parent.name == record["date"] and record["card"] == "cpu" and record["task"] == "needle"
+    assert record["command"].startswith("python bench/learn_retrieval.py --seq-len 32,64")
+    rows = {(r["model"], r["seq_len"]): r for r in record["results"]}
+    assert set(rows) == {("dense", 32), ("nsa", 32), ("dense", 64), ("nsa", 64)}
+    for (model, seq_len), r in rows.items():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 and r["seed"] == 0
+        assert r["tokens"] == 2 * 2 * seq_len and r["attention"] == ("dense" if model == "dense" else "nsa")
