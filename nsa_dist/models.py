@@ -42,7 +42,8 @@ class HFCausalLM(nn.Module):
     """A Hugging Face causal LM called the trainer's way: `forward(tokens, **kwargs) -> logits`.
 
     The model itself is `causal_lm` (for `save_pretrained`; its parameter names carry that prefix here).
-    Keyword arguments (`cu_seqlens=`, `position_ids=`) go to it; no KV cache is built.
+    Keyword arguments (`cu_seqlens=`, `position_ids=`) go to it; no KV cache is built. Converted, it
+    refuses `generate()` as every converted model does (NSA keeps no KV cache).
     """
 
     def __init__(self, causal_lm: nn.Module):
@@ -66,7 +67,7 @@ def llama_config(model_cfg: ModelConfig):
                        num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
                        head_dim=model_cfg.head_dim, rms_norm_eps=model_cfg.norm_eps,
                        rope_parameters={"rope_type": "default", "rope_theta": model_cfg.rope_theta},
-                       tie_word_embeddings=model_cfg.tie_embeddings, initializer_range=0.02, use_cache=False,
+                       tie_word_embeddings=model_cfg.tie_embeddings, initializer_range=0.02,
                        attn_implementation="sdpa")
 
 
@@ -78,7 +79,6 @@ def _hf_llama(model_cfg: ModelConfig) -> nn.Module:
     causal_lm = AutoModelForCausalLM.from_pretrained(model_cfg.pretrained_path, local_files_only=True,
                                                      attn_implementation="sdpa", dtype=torch.float32)
     _check_matches(model_cfg, causal_lm.config)
-    causal_lm.config.use_cache = False
     return causal_lm
 
 

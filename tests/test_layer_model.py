@@ -1,7 +1,9 @@
+import re
+
 import pytest
 import torch
 
-from nsa_dist import ModelConfig, NativeSparseAttention, NSAConfig, NSATransformer
+from nsa_dist import DenseAttention, ModelConfig, NativeSparseAttention, NSAConfig, NSATransformer
 
 TINY = dict(block_len=8, stride=4, select_size=16, top_n=4, window=24)
 
@@ -98,3 +100,60 @@ def test_layer_runs_under_bf16_autocast(compression):
     ref = m(x)
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref).norm() / ref.norm() < 5e-2
+
+
+def plain_causal_gqa(layer, x, positions):
+    """Dense causal attention written out: rotary pairs as complex numbers, keys repeated per group."""
+    B, T, _ = x.shape
+    H, HQ, D = layer.num_kv_heads, layer.num_heads, layer.head_dim
+    q = (x @ layer.q_proj.weight.T).view(B, T, HQ, D)
+    k, v = (x @ layer.kv_proj.weight.T).view(B, T, 2, H, D).unbind(2)
+    freqs = layer.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), positions[:, None].double() * freqs)  # (T, D/2)
+
+    def rotate(t):
+        pairs = torch.complex(t[..., :D // 2].double(), t[..., D // 2:].double()) * turn[None, :, None]
+        return torch.cat([pairs.real, pairs.imag], -1).float()
+
+    q, k = rotate(q), rotate(k)
+    k, v = k.repeat_interleave(HQ // H, 2), v.repeat_interleave(HQ // H, 2)  # (B, T, HQ, D)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    return o.reshape(B, T, HQ * D) @ layer.o_proj.weight.T
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_dense_attention_is_plain_causal_gqa_with_the_nsa_layers_projections(G):
+    torch.manual_seed(0)
+    dense = DenseAttention(48, 2 * G, 2, 16, rope_theta=500.0)
+    x = torch.randn(2, 37, 48)
+    expected = plain_causal_gqa(dense, x, torch.arange(37))
+    assert (dense(x) - expected).norm() / expected.norm() < 1e-5
+    nsa_names = {n for n, _ in layer(G).named_parameters()}
+    dense_names = {n for n, _ in dense.named_parameters()}
+    assert dense_names == {"q_proj.weight", "kv_proj.weight", "o_proj.weight"}
+    assert all(n.startswith(("gate.", "compress_")) for n in nsa_names - dense_names)
+
+
+def test_dense_packed_documents_equal_separate_runs():
+    torch.manual_seed(0)
+    dense = DenseAttention(48, 4, 2, 16)
+    docs = [torch.randn(1, n, 48) for n in (37, 70, 16)]
+    packed = dense(torch.cat(docs, 1), cu_seqlens=torch.tensor([0, 37, 107, 123]))
+    separate = torch.cat([dense(d) for d in docs], 1)
+    assert (packed - separate).norm() / separate.norm() < 1e-5
+
+
+def test_dense_model_has_the_nsa_models_parameters_less_phi_and_gates():
+    shape = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    dense = NSATransformer(ModelConfig(attention="dense", **shape), NSAConfig(**TINY))
+    sparse = NSATransformer(ModelConfig(**shape), NSAConfig(**TINY))
+    dense_names, sparse_names = dict(dense.named_parameters()), dict(sparse.named_parameters())
+    assert set(dense_names) < set(sparse_names)
+    assert all(re.search(r"\.attn\.(gate|compress_[kv])\.", n) for n in set(sparse_names) - set(dense_names))
+    assert all(dense_names[n].shape == sparse_names[n].shape for n in dense_names)
+    tokens = torch.randint(0, 256, (2, 40))
+    assert dense(tokens).shape == (2, 40, 256)
+    with pytest.raises(ValueError, match="attention='full'"):
+        ModelConfig(attention="full").validate()
