@@ -23,10 +23,6 @@ class ModelConfig:
     `pretrained_path`) converted to NSA with `gate_init`. `attention="dense"` keeps full causal
     attention instead of NSA, the baseline of every comparison."""
 
-    kind: str = "nsa"
-    attention: str = "nsa"
-    pretrained_path: str | None = None  # kind=hf_llama: a local Hugging Face checkpoint directory
-    gate_init: str = "preserve"  # kind=hf_llama: how the converted gates start (nsa_dist.convert_attention)
     vocab_size: int = 256
     hidden_size: int = 256
     num_layers: int = 4
@@ -37,6 +33,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    kind: str = "nsa"
+    attention: str = "nsa"
+    pretrained_path: str | None = None  # kind=hf_llama: a local Hugging Face checkpoint directory
+    gate_init: str = "preserve"  # kind=hf_llama: how the converted gates start (nsa_dist.convert_attention)
 
     @property
     def ffn_size(self) -> int:
