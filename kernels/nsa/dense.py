@@ -16,35 +16,35 @@ import triton.language as tl
 
 from . import tuning
 from .layout import compressed_layout, token_layout
-from .utils import LOG2E, attention_delta, backward_rows, output, p2
+from .utils import LOG2E, attention_delta, backward_rows, load_tile, output, p2, store_forward_rows
 
 _POS_KEY = 1 << 40  # separates documents in the (document, position) sort keys
 _DKDV_MAX_SPLITS = 64  # bounds the fp32 partial buffers of the split
 
 
 @triton.jit
-def _row_layout(pid_t, pid_hg, T, G, NGC, BT: tl.constexpr, GP: tl.constexpr):
-    """Rows of a tile: BT queries x GP heads of one KV group (head chunk pid_hg % NGC)."""
+def _row_layout(T, G, NGC, BT: tl.constexpr, GP: tl.constexpr):
+    """This program's rows: BT queries x GP heads of one KV group (KV head and head chunk from program_id(1)).
+    Returns the batch, KV head, query and query head of each row, and which rows exist."""
+    pid_t = tl.program_id(0)
+    pid_hg = tl.program_id(1)
+    bb = tl.program_id(2)
     h = pid_hg // NGC
     gc = pid_hg % NGC
     r = tl.arange(0, BT * GP)
     t = pid_t * BT + r // GP
     g = gc * GP + r % GP
     valid = (t < T) & (g < G)
-    return h, t, g, valid
+    return bb, h, t, h * G + g, valid
 
 
 @triton.jit
-def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D: tl.constexpr, DV: tl.constexpr,
-                     BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, offs_d, offs_dv, lo, hi, start, end, Tk,
+                     D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
     for j0 in range(start, end, BN):
         kj = j0 + offs_n
-        kin = kj < Tk
-        k = tl.load(k_base + kj[:, None].to(tl.int64) * k_row + offs_d[None, :],
-                    mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = load_tile(k_base, kj, k_row, offs_d, kj < Tk, D)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             s = tl.where((kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None]), s, float("-inf"))
@@ -53,16 +53,18 @@ def _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, k_row, v_row, lo, h
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m - m_use)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kj[:, None].to(tl.int64) * v_row + offs_dv[None, :],
-                    mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = load_tile(v_base, kj, v_row, offs_dv, kj < Tk, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     return acc, m, l
 
 
 @triton.jit
-def _tile_ranges(lo, hi, valid, Tk, BN: tl.constexpr):
-    """Key-tile ranges of a row tile: [a, b1) masked, [b1, b2) every row sees every key, [b2, e) masked."""
+def _tile_ranges(LO, HI, t, valid, Tk, BN: tl.constexpr):
+    """The rows' key intervals [lo, hi) and the key-tile ranges of the row tile: [a, b1) masked,
+    [b1, b2) every row sees every key, [b2, e) masked."""
+    lo = tl.load(LO + t, mask=valid, other=0)
+    hi = tl.load(HI + t, mask=valid, other=0)
     min_lo = tl.min(tl.where(valid, lo, Tk), 0)
     max_lo = tl.max(tl.where(valid, lo, 0), 0)
     min_hi = tl.min(tl.where(valid, hi, Tk), 0)
@@ -72,54 +74,42 @@ def _tile_ranges(lo, hi, valid, Tk, BN: tl.constexpr):
     b1 = tl.minimum(tl.cdiv(max_lo, BN) * BN, e)
     b1 = tl.maximum(b1, a)
     b2 = tl.maximum(b1, tl.minimum((min_hi // BN) * BN, e))
-    return a, b1, b2, e
+    return lo, hi, a, b1, b2, e
 
 
 @triton.jit
 def _dense_fwd_kernel(Q, K, V, O, LSE, LO, HI, qk_scale, T, Tk, HQ, H, G, NGC, D: tl.constexpr, DV: tl.constexpr,
                       BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                       BDV: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_hg = tl.program_id(1)
-    bb = tl.program_id(2)
-    h, t, g, valid = _row_layout(pid_t, pid_hg, T, G, NGC, BT, GP)
-    hq = h * G + g
+    bb, h, t, hq, valid = _row_layout(T, G, NGC, BT, GP)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     row = (bb * T + t).to(tl.int64) * HQ + hq
-    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    lo = tl.load(LO + t, mask=valid, other=0)
-    hi = tl.load(HI + t, mask=valid, other=0)
-    a, b1, b2, e = _tile_ranges(lo, hi, valid, Tk, BN)
+    q = load_tile(Q, row, D, offs_d, valid, D)
+    lo, hi, a, b1, b2, e = _tile_ranges(LO, HI, t, valid, Tk, BN)
     k_base = K + (bb.to(tl.int64) * Tk * H + h) * D
     v_base = V + (bb.to(tl.int64) * Tk * H + h) * DV
     m = tl.full([BT * GP], float("-inf"), tl.float32)
     l = tl.zeros([BT * GP], tl.float32)
     acc = tl.zeros([BT * GP, BDV], tl.float32)
-    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, a, b1, Tk, D, DV, BN, BD, BDV, True)
-    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, b1, b2, Tk, D, DV, BN, BD, BDV, False)
-    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, lo, hi, b2, e, Tk, D, DV, BN, BD, BDV, True)
-    empty = l == 0.0
-    o = acc / tl.where(empty, 1.0, l)[:, None]
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / LOG2E)
-    tl.store(O + row[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty),
-             mask=valid[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + row, lse, mask=valid)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi,
+                                   a, b1, Tk, D, DV, BN, True)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi,
+                                   b1, b2, Tk, D, DV, BN, False)
+    acc, m, l = _dense_fwd_inner(acc, m, l, q, qk_scale, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi,
+                                   b2, e, Tk, D, DV, BN, True)
+    store_forward_rows(O, LSE, row, valid, acc, m, l, offs_dv, DV)
 
 
 @triton.jit
-def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, lo, hi, start, end, Tk, D: tl.constexpr, DV: tl.constexpr,
-                    BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr):
+def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_row, offs_d, offs_dv, lo, hi, start, end,
+                    Tk, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
     for j0 in range(start, end, BN):
         kj = j0 + offs_n
         kin = kj < Tk
-        k = tl.load(k_base + kj[:, None].to(tl.int64) * k_row + offs_d[None, :],
-                    mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + kj[:, None].to(tl.int64) * v_row + offs_dv[None, :],
-                    mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = load_tile(k_base, kj, k_row, offs_d, kin, D)
+        v = load_tile(v_base, kj, v_row, offs_dv, kin, DV)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
         if MASKED:
             p = tl.where((kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None]), p, 0.0)
@@ -133,24 +123,21 @@ def _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, k_row, v_r
 def _dense_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, qk_scale, scale, T, Tk, HQ, H, G, NGC, D: tl.constexpr, DV: tl.constexpr,
                      BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      BDV: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_hg = tl.program_id(1)
-    bb = tl.program_id(2)
-    h, t, g, valid = _row_layout(pid_t, pid_hg, T, G, NGC, BT, GP)
-    hq = h * G + g
+    bb, h, t, hq, valid = _row_layout(T, G, NGC, BT, GP)
     offs_d = tl.arange(0, BD)
     row = (bb * T + t).to(tl.int64) * HQ + hq
     q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
-    lo = tl.load(LO + t, mask=valid, other=0)
-    hi = tl.load(HI + t, mask=valid, other=0)
-    a, b1, b2, e = _tile_ranges(lo, hi, valid, Tk, BN)
+    lo, hi, a, b1, b2, e = _tile_ranges(LO, HI, t, valid, Tk, BN)
     k_base = K + (bb.to(tl.int64) * Tk * H + h) * D
     v_base = V + (bb.to(tl.int64) * Tk * H + h) * DV
+    offs_dv = tl.arange(0, BDV)
     dq = tl.zeros([BT * GP, BD], tl.float32)
-    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, a, b1, Tk, D, DV, BN, BD, BDV, True)
-    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, b1, b2, Tk, D, DV, BN, BD, BDV,
-                         False)
-    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, lo, hi, b2, e, Tk, D, DV, BN, BD, BDV, True)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi, a, b1, Tk,
+                         D, DV, BN, True)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi, b1, b2, Tk,
+                         D, DV, BN, False)
+    dq = _dense_dq_inner(dq, q, qk_scale, do, lse2, delta, k_base, v_base, H * D, H * DV, offs_d, offs_dv, lo, hi, b2, e, Tk,
+                         D, DV, BN, True)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=valid[:, None] & (offs_d[None, :] < D))
 
@@ -212,8 +199,8 @@ def _dense_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, LO, HI, QLO, QHI, qk
     kj = pid_k * BN + tl.arange(0, BN)
     kin = kj < Tk
     krow = (bb * Tk + kj).to(tl.int64) * H + h
-    k = tl.load(K + krow[:, None] * D + offs_d[None, :], mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + krow[:, None] * DV + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = load_tile(K, krow, D, offs_d, kin, D)
+    v = load_tile(V, krow, DV, offs_dv, kin, DV)
     t_lo = tl.min(tl.load(QLO + kj, mask=kin, other=T), 0)
     t_hi = tl.max(tl.load(QHI + kj, mask=kin, other=0), 0)
     t_lo = tl.maximum((t_lo // BT) * BT, split * QS)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import tuning
 from .layout import token_layout
-from .utils import LOG2E, attention_delta, backward_rows, output, p2, to_device
+from .utils import LOG2E, attention_delta, backward_rows, load_tile, output, p2, store_forward_rows, to_device
 
 _NO_UNIT = 2**31 - 1  # "no selected block" in the unit lists; sorts last
 
@@ -65,7 +65,7 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
         q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
         dq = tl.zeros([BT * GPAD, BD], tl.float32)
     else:
-        q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        q = load_tile(Q, row, D, offs_d, valid, D)
         m = tl.full([BT * GPAD], float("-inf"), tl.float32)
         l = tl.zeros([BT * GPAD], tl.float32)
         acc = tl.zeros([BT * GPAD, BDV], tl.float32)
@@ -73,9 +73,8 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
         u = tl.load(ULIST + lst * LMAX + e)
         kloc, kpos, k_in = _sel_unit_keys(lst * LMAX + e, ESTART, ELIMIT, EBLK, SEL, BS)
         kr = kv + kloc.to(tl.int64) * H
-        k = tl.load(K + kr[:, None] * D + offs_d[None, :], mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + kr[:, None] * DV + offs_dv[None, :], mask=k_in[:, None] & (offs_dv[None, :] < DV),
-                    other=0.0)
+        k = load_tile(K, kr, D, offs_d, k_in, D)
+        v = load_tile(V, kr, DV, offs_dv, k_in, DV)
         member = tl.sum((ru == u).to(tl.int32), 1) > 0
         see = member[:, None] & k_in[None, :] & (kpos[None, :] <= pos[:, None])
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -96,12 +95,7 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
         tl.store(OUT + row[:, None] * D + offs_d[None, :], (dq * scale).to(OUT.dtype.element_ty),
                  mask=valid[:, None] & (offs_d[None, :] < D))
     else:
-        empty = l == 0.0
-        o = acc / tl.where(empty, 1.0, l)[:, None]
-        lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / LOG2E)
-        tl.store(OUT + row[:, None] * DV + offs_dv[None, :], o.to(OUT.dtype.element_ty),
-                 mask=valid[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LSE_OUT + row, lse, mask=valid)
+        store_forward_rows(OUT, LSE_OUT, row, valid, acc, m, l, offs_dv, DV)
 
 
 @triton.jit
@@ -125,8 +119,8 @@ def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     kr = bb.to(tl.int64) * Tk * H + h + kloc.to(tl.int64) * H
-    k = tl.load(K + kr[:, None] * D + offs_d[None, :], mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + kr[:, None] * DV + offs_dv[None, :], mask=k_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = load_tile(K, kr, D, offs_d, k_in, D)
+    v = load_tile(V, kr, DV, offs_dv, k_in, DV)
     cols = tl.arange(0, NP)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BDV], tl.float32)

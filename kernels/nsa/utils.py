@@ -1,4 +1,5 @@
-"""Helpers the Triton op files share: constants, interpreter detection, output buffers, delta."""
+"""Helpers the Triton op files share: constants, interpreter detection, output buffers, delta, and the
+tile loads and forward epilogue that their kernels inline."""
 from __future__ import annotations
 
 import os
@@ -45,13 +46,34 @@ def to_device(x: torch.Tensor, device, dtype=None) -> torch.Tensor:
 
 
 @triton.jit
+def load_tile(base, rows, row_stride, offs, rows_in, width: tl.constexpr):
+    """Rows `rows` x columns `offs` of a row-major tensor, 0 outside `rows_in` and past `width` columns
+    (offs spans the power-of-two padded width). Row offsets are taken in int64: at long sequences
+    row * row_stride passes 2**31 elements."""
+    return tl.load(base + rows[:, None].to(tl.int64) * row_stride + offs[None, :],
+                   mask=rows_in[:, None] & (offs[None, :] < width), other=0.0)
+
+
+@triton.jit
+def store_forward_rows(O, LSE, row, valid, acc, m, l, offs_dv, DV: tl.constexpr):
+    """Ends an online softmax: o = acc / l and lse (natural log; m is in base 2) of a tile's rows.
+    Rows that saw no key get o = 0, lse = -inf."""
+    empty = l == 0.0
+    o = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / LOG2E)
+    tl.store(O + row[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + row, lse, mask=valid)
+
+
+@triton.jit
 def backward_rows(Q, DO, LSE, DELTA, row, valid, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
                   BDV: tl.constexpr):
     """q, do, lse in base 2 (+inf where nothing was visible, so p = 0) and delta of a tile's rows."""
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + row[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = load_tile(Q, row, D, offs_d, valid, D)
+    do = load_tile(DO, row, DV, offs_dv, valid, DV)
     lse = tl.load(LSE + row, mask=valid, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     return q, do, lse2, tl.load(DELTA + row, mask=valid, other=0.0)
