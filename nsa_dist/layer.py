@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from nsa_dist.kernels import BACKENDS
-from nsa_dist.parallel import (ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions,
-                               global_positions, nsa_forward)
+from nsa_dist.parallel import ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions, nsa_forward
 from nsa_dist.parallel.collectives import all_to_all
-from nsa_dist.parallel.sharding import global_positions_of
+from nsa_dist.parallel.sharding import global_positions_of, rank_chunks
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -214,8 +214,8 @@ class DenseAttention(RotaryProjections, nn.Module):
     `forward(x, *, cu_seqlens=None, sp=None, log=None)` as the NSA layer's: `cu_seqlens` packs
     documents (B == 1; attention and RoPE restart per document). With `sp`, `x` is this rank's zigzag
     shard; every rank all-gathers the K/V of the whole sequence (the plain context-parallel scheme)
-    and masks by global position; the gradients of the gathered K/V return to their owners and are
-    summed there. Its bytes go into `log` as an all-gather.
+    and each of its two chunks attends to the keys up to the chunk's end; the gradients of the
+    gathered K/V return to their owners and are summed there. Its bytes go into `log` as an all-gather.
     """
 
     num_kv_sets = 1
@@ -241,25 +241,32 @@ class DenseAttention(RotaryProjections, nn.Module):
                 sent = kv[:, :1].numel() * kv.element_size() * T * (sp.size - 1)
                 log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
                                          compressed_bytes=0, allgather_bytes=sent, blocks_fetched=0))
-        o = causal_attention(q, k, v, None if sp is None else global_positions(sp, T, x.device, plans=self.plans),
-                             cu_seqlens)
+        starts = (0,) if sp is None else tuple(c * (T // 2) for c in rank_chunks(sp.rank, sp.size))
+        o = causal_attention(q, k, v, starts, cu_seqlens)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_positions: torch.Tensor | None = None,
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_starts: tuple = (0,),
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of `q [B, T, HQ, D]` over `k`, `v` `[B, N, H, D]` (the whole sequence), each query
-    seeing the keys at or before it (and, with `cu_seqlens`, in its document). `query_positions [T]` are
-    the queries' global positions; None means `0..T-1` with `N == T`."""
-    mask = None
-    if query_positions is not None or cu_seqlens is not None:
+    seeing the keys at or before it (and, with `cu_seqlens`, in its document). `q` holds equal chunks
+    of consecutive queries starting at the global positions `chunk_starts`."""
+    C = q.shape[1] // len(chunk_starts)
+    if cu_seqlens is not None:
         keys = torch.arange(k.shape[1], device=q.device)
-        queries = keys if query_positions is None else query_positions
-        mask = keys[None, :] <= queries[:, None]  # (T, N)
-        if cu_seqlens is not None:
-            cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-            document = torch.searchsorted(cu, keys, right=True)  # (N,) document index of each key
-            mask &= document[None, :] == document[queries][:, None]
+        queries = torch.cat([start + torch.arange(C, device=q.device) for start in chunk_starts])
+        document = torch.searchsorted(cu_seqlens.to(device=q.device, dtype=torch.int64), keys, right=True)  # (N,)
+        mask = (keys[None, :] <= queries[:, None]) & (document[None, :] == document[queries][:, None])  # (T, N)
+        return _sdpa(q, k, v, mask)
+    # A chunk sees the keys up to its last query: a lower-right causal mask over that prefix, which SDPA's
+    # fused kernels take without a [T, N] mask in memory.
+    return torch.cat([_sdpa(q[:, j * C:(j + 1) * C], k[:, :start + C], v[:, :start + C],
+                            causal_lower_right(C, start + C) if start else None)
+                      for j, start in enumerate(chunk_starts)], 1)
+
+
+def _sdpa(q, k, v, mask):
+    """SDPA in the ops' layout `[B, T, heads, D]`; no mask means causal over keys aligned with queries."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=True)  # (B, HQ, T, D)
     return o.transpose(1, 2)
