@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from nsa_dist.checkpoint import ACCEPTABLE_CHANGES, CONFIG_SECTIONS, acceptable_change
 from nsa_dist.data import DataConfig
 from nsa_dist.engine import ZeroConfig
 from nsa_dist.launch.config import LauncherConfig
@@ -25,6 +26,7 @@ from nsa_dist.parallel import ParallelConfig, check_length
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class TrainConfig:
     checkpoint_keep: int = 2  # finished checkpoints kept on disk
     checkpoint_dir: str | None = None  # None: <run dir>/checkpoints
     resume: str = "auto"  # auto: the latest finished checkpoint, if any | never | <checkpoint path>
+    # Config keys a resume may change on purpose, e.g. [data.seq_len]; only keys that keep parameter shapes.
+    resume_accept: list[str] = field(default_factory=list)
+    # A non-finite loss or gradient norm: stop the run (naming the step), or skip that step's update and
+    # stop after nan_skip_limit skipped steps in a row.
+    nan_policy: str = "stop"
+    nan_skip_limit: int = 3
     peak_flops: float | None = None  # per device, for model FLOPs utilisation; None: known GPUs only
 
     def validate(self) -> "TrainConfig":
@@ -71,7 +79,14 @@ class TrainConfig:
             raise ValueError(f"trainer.checkpoint_keep must be at least 1, got {self.checkpoint_keep}")
         if not self.resume:
             raise ValueError("trainer.resume must be auto, never or a checkpoint path")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES)):
+        if self.nan_skip_limit < 1:
+            raise ValueError(f"trainer.nan_skip_limit must be at least 1, got {self.nan_skip_limit}")
+        for key in self.resume_accept:
+            if key.split(".")[0] not in CONFIG_SECTIONS or not acceptable_change(key):
+                raise ValueError(f"trainer.resume_accept: {key} cannot be accepted on resume (it changes parameter "
+                                 f"shapes, the mesh, or is no config key); acceptable: {', '.join(ACCEPTABLE_CHANGES)}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES),
+                              ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown trainer.{name}={getattr(self, name)!r}: choose one of {allowed}")
         return self
@@ -115,6 +130,10 @@ class RunConfig:
                 check_length(seq_len, self.parallel.sp, multiple=select_size, what=f"data.seq_len={seq_len}")
             except ValueError as e:
                 raise ValueError(f"parallel.sp={self.parallel.sp}: {e}") from e
+        if self.trainer.nan_policy == "skip" and self.zero.enabled:
+            raise ValueError("trainer.nan_policy=skip works on the plain torch path only: DeepSpeed has applied "
+                             "the update by the time it knows the gradient norm; use trainer.nan_policy=stop "
+                             "with zero=stage1|2|3, or zero=none")
         if self.data.kind in ("passkey", "text") and self.model.vocab_size < 256:
             raise ValueError(f"data={self.data.kind} is byte-level: model.vocab_size must be at least 256, "
                              f"got {self.model.vocab_size}")

@@ -1,6 +1,7 @@
 """One optimizer step, two ways: plain torch (gradient all-reduce, clip, AdamW) or DeepSpeed's ZeRO engine.
 
-The training loop sees only `TrainEngine`: `backward(loss)`, `step() -> grad norm`, `save(dir)`,
+The training loop sees only `TrainEngine`: `backward(loss)`, `step() -> grad norm` (the plain path
+skips a non-finite update), `save(dir)`,
 `load(dir)`, `lr`. Both take the job's `Mesh` and expect the loss of each rank to be scaled so that
 the mean of the gradients over the mesh's `grad_group` (every dp x sp rank) is the training gradient
 (nsa_dist.loss.token_metrics does this for sequence parallelism: sum over the ranks of a replica,
@@ -12,6 +13,7 @@ stage 3, of the parameters) and gather the same full parameters for the forward.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_dist import distributed
+from nsa_dist.checkpoint import load_file
 from nsa_dist.parallel import Mesh
 
 ZERO_STAGES = (1, 2, 3)
@@ -95,11 +98,20 @@ class TrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
-    def step(self) -> float:
+    def step(self, *, loss_is_finite: bool = True) -> float | None:
+        """Average, clip and apply the gradients; returns their global norm (None: not known).
+
+        A non-finite loss or norm leaves the weights and the optimizer state as they were (the
+        gradients are dropped): the norm is the same on every rank, after the all-reduce, so every
+        rank skips together.
+        """
         distributed.average_gradients(self.module, self.mesh.grad_group)
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf"))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf")))
+        if not (loss_is_finite and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         self.optimizer.step()
-        return float(norm)
+        return norm
 
     def save(self, directory: Path) -> None:
         # Every rank holds the same weights and optimizer state; one copy is enough.
@@ -108,7 +120,7 @@ class TrainEngine:
                        directory / "model_optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "model_optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_file(directory / "model_optimizer.pt")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -139,16 +151,20 @@ class DeepSpeedTrainEngine(TrainEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> float:
+    def step(self, *, loss_is_finite: bool = True) -> float | None:
+        # DeepSpeed reduces, clips and applies in one call, so a non-finite step cannot be skipped here;
+        # the trainer stops instead (trainer.nan_policy=skip is refused with ZeRO).
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        return None if norm is None else float(norm)
 
     def save(self, directory: Path) -> None:
         # Every rank writes its own partition; CheckpointDir publishes the directory once all have.
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed reads its files with its own torch.load; the resume has already opened every one of
+        # them with weights_only=True (nsa_dist.checkpoint.verify_checkpoint), so only plain data gets here.
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")

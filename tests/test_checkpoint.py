@@ -72,7 +72,7 @@ class _Engine:
         torch.save(self.weight, directory / "weight.pt")
 
     def load(self, directory):
-        self.weight = torch.load(directory / "weight.pt")
+        self.weight = torch.load(directory / "weight.pt", weights_only=True)
 
 
 class _Source:
@@ -98,14 +98,45 @@ def test_trainer_checkpoints_restore_each_part_once_and_refuse_another_mesh(tmp_
     engine, source = _Engine(0), _Source(0)
     loads = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda path, **kw: loads.append(Path(path).name) or real_load(path, **kw))
+    monkeypatch.setattr(torch, "load", lambda path, **kw: loads.append((Path(path).name, kw)) or real_load(path, **kw))
     torch.manual_seed(999)
     step, path = TrainerCheckpoints(tmp_path, 2, engine=engine, source=source, mesh=mesh).resume("auto")
     assert (step, path) == (5, tmp_path / "step_00000005")
     assert torch.equal(engine.weight, torch.full((2,), 3.0)) and source.cursor == 7
-    assert sorted(loads) == ["data_rank0.pt", "rng_rank0.pt", "trainer.pt", "weight.pt"]
+    # Each file is opened once memory-mapped to check it, then each part the trainer restores is read once.
+    checked = sorted(name for name, kw in loads if kw.get("mmap"))
+    assert checked == ["data_rank0.pt", "rng_rank0.pt", "trainer.pt", "weight.pt"]
+    restored = sorted(name for name, kw in loads if not kw.get("mmap") and name != "weight.pt")
+    assert restored == ["data_rank0.pt", "rng_rank0.pt", "trainer.pt"]
+    assert all(kw.get("weights_only") for _, kw in loads)
     assert torch.equal(torch.rand(2), expected)
 
     with pytest.raises(ValueError, match=r"dp x sp = \[1, 1\] mesh, this job has \[2, 1\].*parallel\.dp"):
         TrainerCheckpoints(tmp_path, 2, engine=_Engine(0), source=_Source(0), mesh=Mesh(dp=2, sp=1)).restore(path)
     assert TrainerCheckpoints(tmp_path, 2, engine=engine, source=source, mesh=mesh).resume("never") == (0, None)
+
+
+def test_rng_states_are_plain_tensors_that_weights_only_loads(tmp_path):
+    from nsa_dist.checkpoint import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    from nsa_dist.checkpoint import CheckpointError, TrainerCheckpoints
+    from nsa_dist.parallel import Mesh
+
+    class _NanEngine(_Engine):
+        module = torch.nn.Linear(2, 2)
+
+    with torch.no_grad():
+        _NanEngine.module.weight[0, 0] = float("nan")
+    keeper = TrainerCheckpoints(tmp_path, 1, engine=_Engine(1), source=_Source(0), mesh=Mesh(dp=1, sp=1))
+    keeper.save(2)
+    with pytest.raises(CheckpointError, match="weight holds non-finite"):
+        TrainerCheckpoints(tmp_path, 1, engine=_NanEngine(0), source=_Source(0), mesh=Mesh(dp=1, sp=1)).save(4)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000002"]
