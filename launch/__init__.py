@@ -26,7 +26,7 @@ from nsa_dist.launch.config import LauncherConfig
 from nsa_dist.launch.elastic import start_elastic_ranks
 from nsa_dist.launch.ray_actors import start_ray_ranks
 
-__all__ = ["LauncherConfig", "start_ranks", "started_by"]
+__all__ = ["LauncherConfig", "planned_world_size", "start_ranks", "started_by"]
 
 
 def started_by(launcher: LauncherConfig) -> str | None:
@@ -35,6 +35,22 @@ def started_by(launcher: LauncherConfig) -> str | None:
         return "slurm"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return os.environ.get("NSA_DIST_STARTED_BY", "torchrun")
+    return None
+
+
+def planned_world_size(launcher: LauncherConfig) -> int | None:
+    """How many ranks the job will have, known before any starts (None: only the ranks will know)."""
+    by = started_by(launcher)
+    if by == "slurm":
+        return int(os.environ.get("SLURM_NTASKS", 0)) or None
+    if by is not None:
+        return int(os.environ["WORLD_SIZE"])
+    if launcher.kind == "local":
+        return 1
+    if launcher.kind == "torchrun":
+        return launcher.nproc_per_node * launcher.nnodes
+    if launcher.kind == "ray":
+        return launcher.num_workers
     return None
 
 

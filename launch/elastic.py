@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ import torch
 
 from nsa_dist.launch.address import split_address
 from nsa_dist.launch.config import LauncherConfig
-from nsa_dist.launch.rank_logging import configure_rank_logging
+from nsa_dist.launch.rank_logging import configure_rank_logging, record_rank_failure, reported_failure
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,30 @@ def start_elastic_ranks(launcher: LauncherConfig, entry: Callable[..., Any], arg
     )
     log.info("starting %d ranks on this node (%d node(s), rendezvous %s)", nproc, launcher.nnodes,
              launcher.rdzv_endpoint)
-    results = elastic_launch(config, _elastic_rank)(entry, args, str(run_dir))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    agent_level = agent_log.level
+    with tempfile.TemporaryDirectory(prefix="nsa_dist_failures_") as failures:
+        try:
+            # A failing rank is reported below, once; the agent would log its exit with a traceback.
+            agent_log.setLevel(logging.CRITICAL)
+            results = elastic_launch(config, _elastic_rank)(entry, args, str(run_dir), failures)
+        except ChildFailedError as e:
+            message = reported_failure(Path(failures), run_dir)
+            raise RuntimeError(message or f"a rank died without a message: {e.get_first_failure()[1]}") from None
+        finally:
+            agent_log.setLevel(agent_level)
     # Keyed by global rank: on the first node that includes rank 0, on the others their lowest rank.
     return results[min(results)]
 
 
-def _elastic_rank(entry: Callable[..., Any], args: tuple, run_dir: str) -> Any:
-    configure_rank_logging(int(os.environ["RANK"]), Path(run_dir))
-    return entry(*args)
+def _elastic_rank(entry: Callable[..., Any], args: tuple, run_dir: str, failures_dir: str) -> Any:
+    rank = int(os.environ["RANK"])
+    configure_rank_logging(rank, Path(run_dir))
+    try:
+        return entry(*args)
+    except Exception as e:
+        record_rank_failure(e, rank, Path(run_dir), Path(failures_dir))
+        # Not an Exception: torch's process wrappers print the traceback of one, and the agent again.
+        raise SystemExit(1) from None

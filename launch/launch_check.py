@@ -13,7 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nsa_dist.launch.address import check_reachable
+from nsa_dist.launch.address import check_ray_head
 from nsa_dist.launch.config import LauncherConfig
 from nsa_dist.launch.slurm import check_slurm_request
 
@@ -48,4 +48,4 @@ class LaunchCheck(Callback):
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             address = config.hydra.launcher.ray.init.get("address")
             if address and address != "auto":
-                check_reachable(str(address), timeout_s=launcher.connect_timeout_s, what="Ray cluster")
+                check_ray_head(str(address), timeout_s=launcher.connect_timeout_s)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nsa_dist.launch.address import check_reachable
+from nsa_dist.launch.address import check_ray_head
 from nsa_dist.launch.config import LauncherConfig
-from nsa_dist.launch.rank_logging import configure_rank_logging
+from nsa_dist.launch.rank_logging import configure_rank_logging, record_rank_failure, reported_failure
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,13 @@ def start_ray_ranks(launcher: LauncherConfig, entry: Callable[..., Any], args: t
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
-                results[calls[done[0]]] = ray.get(done[0])
+                result = ray.get(done[0])
             except ray.exceptions.RayError as e:
-                raise RuntimeError(f"rank {calls[done[0]]} of {n} failed on Ray: {e}") from e
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(f"rank {calls[done[0]]} of {n} died on Ray: {reason}") from None
+            if isinstance(result, _RankFailed):
+                raise RuntimeError(result.message)
+            results[calls[done[0]]] = result
         return results[0]
     finally:
         for actor in actors:
@@ -91,12 +96,19 @@ def connect_to_ray(launcher: LauncherConfig) -> None:
     if ray.is_initialized():
         return
     if launcher.address and launcher.address != "auto":
-        check_reachable(launcher.address, timeout_s=launcher.connect_timeout_s, what="Ray cluster")
+        check_ray_head(launcher.address, timeout_s=launcher.connect_timeout_s)
         ray.init(address=launcher.address)
     elif launcher.address == "auto":
         ray.init(address="auto")
     else:
         ray.init(include_dashboard=False, **({"_node_ip_address": "127.0.0.1"} if launcher.loopback else {}))
+
+
+class _RankFailed:
+    """What a rank returns instead of raising: Ray would print the traceback of every failing actor."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _RayRank:
@@ -116,9 +128,14 @@ class _RayRank:
 
     def run(self, entry: Callable[..., Any], args: tuple, run_dir: str, env: dict[str, str]) -> Any:
         os.environ.update(env)
-        configure_rank_logging(int(env["RANK"]), Path(run_dir))
+        rank = int(env["RANK"])
+        configure_rank_logging(rank, Path(run_dir))
         started = time.perf_counter()
         try:
             return entry(*args)
+        except Exception as e:
+            with tempfile.TemporaryDirectory() as failures:
+                record_rank_failure(e, rank, Path(run_dir), Path(failures))
+                return _RankFailed(reported_failure(Path(failures), Path(run_dir)))
         finally:
             log.info("rank %s finished in %.0f s", env["RANK"], time.perf_counter() - started)

@@ -9,7 +9,8 @@ Kinds:
              question and the passkey again; `answer_mask` marks the target positions of the answer.
              Made in process, so the default run needs no download.
     text     any file read as raw bytes (vocab 256), memory-mapped.
-    tokens   a memory-mapped `.bin` of np.uint8 or np.uint16 token ids.
+    tokens   a memory-mapped `.bin` of np.uint8, np.uint16 or np.uint32 token ids (`check_token_file`
+             scans it once before training: ids below the vocabulary, the dtype plausible).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 DATA_KINDS = ("passkey", "text", "tokens", "mqar", "needle")
-TOKEN_DTYPES = ("uint8", "uint16")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+# Token files are scanned this many ids at a time, so the check holds any file in bounded memory.
+SCAN_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,33 @@ def load_token_file(path: str | Path, dtype: str) -> np.ndarray:
     if size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_token_file(path: str | Path, dtype: str, *, vocab_size: int) -> str:
+    """Scan the whole token file, chunk by chunk over the memory map, before any rank trains on it.
+
+    Raises ValueError naming the file and the fix for an id outside the vocabulary, or for every
+    odd-position id being 0 (what a file of wider little-endian ids read as `dtype` looks like).
+    Returns what was checked, for the log.
+    """
+    tokens = load_token_file(path, dtype)
+    where = f"data.path={str(path)!r}"
+    top, top_at, odd_nonzero, even_nonzero = -1, 0, False, False
+    for start in range(0, len(tokens), SCAN_CHUNK):
+        chunk = np.asarray(tokens[start:start + SCAN_CHUNK])
+        if chunk.size and int(chunk.max()) > top:
+            top, top_at = int(chunk.max()), start + int(chunk.argmax())
+        first_odd = (start + 1) % 2  # chunk starts are even, but keep it exact
+        odd_nonzero = odd_nonzero or bool(chunk[first_odd::2].any())
+        even_nonzero = even_nonzero or bool(chunk[1 - first_odd::2].any())
+    if top >= vocab_size:
+        raise ValueError(f"{where} holds token id {top} (token {top_at} of {len(tokens)}, read as {dtype}), outside "
+                         f"model.vocab_size={vocab_size}: raise model.vocab_size or check data.token_dtype")
+    wider = {"uint8": "uint16", "uint16": "uint32"}.get(dtype)
+    if wider and len(tokens) >= 64 and even_nonzero and not odd_nonzero:
+        raise ValueError(f"{where} read as {dtype} has every odd-position id 0 ({len(tokens)} tokens), as when "
+                         f"{wider} ids are read as {dtype}: set data.token_dtype={wider}")
+    return f"{where}: {len(tokens)} {dtype} tokens, ids 0..{top} < model.vocab_size={vocab_size}"
 
 
 def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator) -> WindowSampler | PasskeyTask:

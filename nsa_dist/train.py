@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -27,9 +30,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nsa_dist import distributed, launch, metrics
-from nsa_dist.checkpoint import TrainerCheckpoints, save_atomically
+from nsa_dist.checkpoint import CONFIG_SECTIONS, TrainerCheckpoints, assert_finite, save_atomically
 from nsa_dist.config import RunConfig, TrainConfig, run_config
-from nsa_dist.data import Batch, build_source
+from nsa_dist.data import Batch, build_source, check_token_file
 from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.engine import DeepSpeedTrainEngine, TrainEngine
 from nsa_dist.eval import run_retrieval_metrics
@@ -43,6 +46,8 @@ __all__ = ["TrainResult", "lr_at", "main", "shard_batch", "token_metrics", "trai
 
 log = logging.getLogger(__name__)
 
+# The user's HYDRA_FULL_ERROR, read before cli() sets it for Hydra: 1 shows tracebacks instead of one line.
+_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 # Eval batches come from their own stream so they never repeat a training batch.
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -57,6 +62,7 @@ class TrainResult:
     checkpoint: Path
     start_step: int = 0  # losses[i] is step start_step + i
     resumed_from: Path | None = None
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (trainer.nan_policy=skip)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -103,7 +109,7 @@ class _Job:
     mesh: Mesh
     engine: TrainEngine
     source: Any  # the replica's batch stream (nsa_dist.data.build_source)
-    eval_batch: Batch  # this rank's shard of the fixed eval batch
+    eval_batch: Batch  # the replica's whole fixed eval batch, on the CPU; evaluate() shards it chunk by chunk
     autocast: Any
     exchange_log: ExchangeLog
 
@@ -123,7 +129,7 @@ def _build_job(run: RunConfig, device: torch.device, dist_ctx: DistributedContex
                           generator=torch.Generator().manual_seed(cfg.seed + mesh.dp_rank))
     eval_source = build_source(run.data, vocab_size=run.model.vocab_size,
                                generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
-    eval_batch = shard_batch(eval_source.sample(cfg.eval_batch_size), mesh.sequence_parallel).to(device)
+    eval_batch = eval_source.sample(cfg.eval_batch_size)
     # DeepSpeed's bf16 runs the whole module in bf16 with fp32 master weights; autocast is the torch path's.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16" and not run.zero.enabled)
@@ -151,8 +157,9 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
     job = _build_job(run, device, dist_ctx, run_dir)
     engine, mesh, sp = job.engine, job.mesh, job.mesh.sequence_parallel
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = TrainerCheckpoints(Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints",
-                                     cfg.checkpoint_keep, engine=engine, source=job.source, mesh=mesh)
+    checkpoints = TrainerCheckpoints(checkpoint_root(run, run_dir), cfg.checkpoint_keep, engine=engine,
+                                     source=job.source, mesh=mesh, accept=cfg.resume_accept,
+                                     config={name: asdict(getattr(run, name)) for name in CONFIG_SECTIONS})
     start_step, resumed_from = checkpoints.resume(cfg.resume)
     if resumed_from is not None:
         log.info("resumed from %s at step %d", resumed_from, start_step)
@@ -160,6 +167,7 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
 
     losses: list[float] = []
     eval_metrics: dict[str, float] = {}
+    nonfinite = NonFiniteSteps(cfg)
     timer = metrics.PhaseTimer(device)
     started = time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), desc="train", initial=start_step, total=cfg.steps,
@@ -169,16 +177,19 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             step_start = time.perf_counter()
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
-            step_metrics, grad_norm = train_step(engine, job.source.sample(cfg.batch_size), sp, device, job.autocast,
-                                                 timer)
-            # host sync: the loss is logged every step
-            losses.append(distributed.mean_across_ranks(step_metrics["loss"], mesh.dp_group))
+            loss, step_metrics, grad_norm = train_step(engine, job.source.sample(cfg.batch_size), sp, device,
+                                                       job.autocast, timer, dp_group=mesh.dp_group)
+            losses.append(loss)
             exchanged = metrics.exchange_totals(job.exchange_log.pop()) if sp is not None else None
-            tokens_per_s = run_log.step(step, loss=losses[-1], lr=lr, grad_norm=grad_norm,
+            tokens_per_s = run_log.step(step, loss=losses[-1], lr=lr,
+                                        grad_norm=float("nan") if grad_norm is None else grad_norm,
                                         step_s=time.perf_counter() - step_start, phases=timer.pop(),
                                         exchanged=exchanged, step_metrics=step_metrics)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            if _due(step, cfg.eval_every, cfg.steps):
+            if nonfinite.seen(step, loss, grad_norm, lr):
+                run_log.scalars("train", {"skipped_steps": nonfinite.skipped}, step)
+                continue
+            if step < cfg.steps - 1 and _due(step, cfg.eval_every, cfg.steps):
                 eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp)
                 eval_metrics.update(run_retrieval_metrics(run, engine.module, device=device, sp=sp))
                 job.exchange_log.pop()  # the comm/* scalars count training steps only
@@ -190,10 +201,17 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                 run_log.scalars("time", {"checkpoint_s": timer.pop()["checkpoint"]}, step)
                 log.info("step %d: checkpoint %s", step + 1, path)
         elapsed = time.perf_counter() - started
+        # The weights are on disk before the closing evaluation, so nothing it does can lose them.
+        checkpoint = _save_final(run_dir / "final.pt", engine, job.source, run, is_main=dist_ctx.is_main)
+        if start_step < cfg.steps:
+            eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp, micro_batch_size=cfg.batch_size,
+                                    device=device)
+            eval_metrics.update(run_retrieval_metrics(run, engine.module, device=device, sp=sp))
+            job.exchange_log.pop()
+            run_log.scalars("eval", eval_metrics, cfg.steps - 1)
+            log.info("step %d: %s", cfg.steps, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
         if hparams is not None and losses:
             run_log.hparams(hparams, {"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}})
-
-    checkpoint = _save_final(run_dir / "final.pt", engine, job.source, run, is_main=dist_ctx.is_main)
     engine.close()
     steps_run = cfg.steps - start_step
     job_tokens_per_s = run_log.tokens_per_step * steps_run / elapsed
@@ -204,12 +222,15 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                  steps_run, elapsed, losses[0], losses[-1], answer_note, job_tokens_per_s, checkpoint)
     return TrainResult(losses=losses, eval_metrics=eval_metrics, tokens_per_s=job_tokens_per_s,
                        tokens_per_s_per_device=job_tokens_per_s / mesh.world_size, run_dir=run_dir,
-                       checkpoint=checkpoint, start_step=start_step, resumed_from=resumed_from)
+                       checkpoint=checkpoint, start_step=start_step, resumed_from=resumed_from,
+                       skipped_steps=nonfinite.skipped)
 
 
 def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, device: torch.device, autocast,
-               timer: metrics.PhaseTimer) -> tuple[dict[str, torch.Tensor], float]:
-    """One optimizer step on a replica's batch (this rank keeps its shard); the step's metrics and grad norm."""
+               timer: metrics.PhaseTimer, *, dp_group: Any = None) -> tuple[float, dict[str, torch.Tensor], float | None]:
+    """One optimizer step on a replica's batch (this rank keeps its shard): the loss (mean over the
+    replicas in `dp_group`), the step's metrics and the gradient norm (None: the engine does not say).
+    A non-finite loss or norm is the same on every rank and leaves the weights as they were (plain path)."""
     with timer.phase("data"):
         batch = shard_batch(batch, sp).to(device)
     engine.module.train()
@@ -219,18 +240,78 @@ def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, d
         loss, step_metrics = token_metrics(logits, batch, sp)
     with timer.phase("backward"):
         engine.backward(loss)
+    # host sync: the loss is logged every step, and decides whether the update is applied. The replica's
+    # loss was summed over its sp ranks in token_metrics, and this all-reduce makes it the same on every
+    # rank, so every rank takes the same decision without a collective of its own.
+    replica_loss = distributed.mean_across_ranks(step_metrics["loss"], dp_group)
     with timer.phase("optimizer"):
-        grad_norm = engine.step()
-    return step_metrics, grad_norm
+        grad_norm = engine.step(loss_is_finite=math.isfinite(replica_loss))
+    return replica_loss, step_metrics, grad_norm
+
+
+# Weights of each metric when chunks are combined: the token loss and passkey_exact average over rows
+# (every row has seq_len targets), the answer metrics over answer targets.
+_ANSWER_METRICS = ("answer_loss", "answer_accuracy")
 
 
 @torch.no_grad()
-def evaluate(engine: TrainEngine, batch: Batch, autocast, sp: SequenceParallel | None = None) -> dict[str, float]:
+def evaluate(engine: TrainEngine, batch: Batch, autocast, sp: SequenceParallel | None = None, *,
+             micro_batch_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Metrics over the replica's whole `batch`, run `micro_batch_size` rows at a time (so evaluation fits
+    wherever a training step fits); each chunk is sharded for this rank and moved to `device`."""
     engine.module.eval()
-    with autocast:
-        logits = engine.forward(batch.inputs)
-    _, eval_metrics = token_metrics(logits, batch, sp)
-    return {name: float(value) for name, value in eval_metrics.items()}
+    rows = batch.inputs.shape[0]
+    step = micro_batch_size or rows
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for start in range(0, rows, step):
+        chunk = Batch(batch.inputs[start:start + step], batch.targets[start:start + step],
+                      None if batch.answer_mask is None else batch.answer_mask[start:start + step])
+        local = shard_batch(chunk, sp).to(device)
+        with autocast:
+            logits = engine.forward(local.inputs)  # (b, T_local, vocab)
+        _, chunk_metrics = token_metrics(logits, local, sp)
+        answers = float(chunk.answer_mask.sum()) if chunk.answer_mask is not None else 0.0
+        for name, value in chunk_metrics.items():
+            weight = answers if name in _ANSWER_METRICS else float(chunk.inputs.shape[0])
+            totals[name] = totals.get(name, 0.0) + float(value) * weight
+            weights[name] = weights.get(name, 0.0) + weight
+    return {name: totals[name] / weights[name] if weights[name] else float("nan") for name in totals}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The run stopped: the loss or the gradient norm was NaN or infinite."""
+
+
+class NonFiniteSteps:
+    """What `trainer.nan_policy` does with a step whose loss or gradient norm is not finite."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.policy, self.limit, self.lr = cfg.nan_policy, cfg.nan_skip_limit, cfg.lr
+        self.skipped = 0  # in all
+        self.in_a_row = 0
+
+    def seen(self, step: int, loss: float, grad_norm: float | None, lr: float) -> bool:
+        """Whether the step's update was dropped; raises NonFiniteLoss when the run must stop."""
+        bad = [] if math.isfinite(loss) else [f"loss {loss}"]
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad.append(f"gradient norm {grad_norm}")
+        if not bad:
+            self.in_a_row = 0
+            return False
+        what = " and ".join(bad)
+        fix = f"lower trainer.lr (now {self.lr:g}, {lr:g} at this step) or check the data"
+        if self.policy == "stop":
+            raise NonFiniteLoss(f"step {step + 1}: non-finite {what}, run stopped (trainer.nan_policy=stop) "
+                                f"and nothing of this step saved: {fix}")
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLoss(f"step {step + 1}: non-finite {what} in {self.in_a_row} steps in a row "
+                                f"(trainer.nan_skip_limit={self.limit}), run stopped: {fix}")
+        log.warning("step %d: non-finite %s, update skipped (%d in a row, %d in all; trainer.nan_skip_limit=%d)",
+                    step + 1, what, self.in_a_row, self.skipped, self.limit)
+        return True
 
 
 def _due(step: int, every: int, steps: int) -> bool:
@@ -240,6 +321,7 @@ def _due(step: int, every: int, steps: int) -> bool:
 
 def _save_final(path: Path, engine: TrainEngine, source, run: RunConfig, *, is_main: bool) -> Path:
     state = {"model": engine.full_state_dict(), "step": run.trainer.steps, "config": asdict(run)}
+    assert_finite(state["model"].items(), str(path))
     if is_main:
         if not run.zero.enabled:
             # The plain path's optimizer and data state are whole on rank 0; DeepSpeed's live in the checkpoints.
@@ -262,7 +344,37 @@ def main(cfg: DictConfig, *, run_dir: str | Path | None = None) -> TrainResult:
     """
     run = run_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
+    check_before_start(run, run_dir)
     return launch.start_ranks(run.launcher, train_rank, run, run_dir, device=run.trainer.device, run_dir=run_dir)
+
+
+def checkpoint_root(run: RunConfig, run_dir: Path) -> Path:
+    return Path(run.trainer.checkpoint_dir).expanduser() if run.trainer.checkpoint_dir else run_dir / "checkpoints"
+
+
+def check_before_start(run: RunConfig, run_dir: Path) -> None:
+    """What can fail before any rank starts, checked here: the mesh against the world the launcher will
+    start, the output directories, and the token file's ids and dtype."""
+    world = launch.planned_world_size(run.launcher)
+    if world is not None:
+        try:
+            run.parallel.degrees(world)
+        except ValueError as e:
+            raise ValueError(f"{e} (launcher={run.launcher.kind} starts {world})") from e
+    _check_writable(run_dir, "the run directory (hydra.run.dir)")
+    if run.trainer.checkpoint_every:
+        _check_writable(checkpoint_root(run, run_dir), "trainer.checkpoint_dir")
+    if run.data.kind == "tokens":
+        log.info("checked %s", check_token_file(run.data.path, run.data.token_dtype, vocab_size=run.model.vocab_size))
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {directory} is not writable ({e.strerror or e}): choose another") from e
 
 
 def train_rank(run: RunConfig, run_dir: Path) -> TrainResult:
@@ -277,12 +389,51 @@ def train_rank(run: RunConfig, run_dir: Path) -> TrainResult:
 
 @hydra.main(config_path="pkg://nsa_dist.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    main(cfg)
+    try:
+        main(cfg)
+    except Exception as e:
+        if _FULL_ERROR:
+            raise
+        # Not an Exception: Hydra passes it through without its "Error executing job" report.
+        raise SystemExit(error_line(e)) from None
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as the one line the command line prints."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    cause = error.__cause__
+    # Hydra's composition errors keep the reason (e.g. "Key 'foo' not in 'TrainConfig'") in their cause.
+    if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
+        text = f"{text} ({str(cause).strip().splitlines()[0]})"
+    return f"nsa_dist: error: {text}"
+
+
+def _validate_shown_config(argv: list[str]) -> None:
+    """`--cfg job` only prints the config; convert it too, so that an invalid one fails the same way a run would."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if not args.cfg or args.multirun:
+        return
+    with initialize_config_module(config_module="nsa_dist.conf", version_base="1.3"):
+        cfg = compose(config_name=args.config_name or "config", overrides=args.overrides)
+    run_config(cfg)
 
 
 def cli() -> None:
-    """The `nsa-train` console script: Hydra parses the command line."""
-    _hydra_main()
+    """The `nsa-train` console script: Hydra parses the command line; an error is one line on stderr and
+    exit status 1 (HYDRA_FULL_ERROR=1: the whole traceback instead)."""
+    # Hydra then re-raises instead of printing its own report, and the one line is written below.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _validate_shown_config(sys.argv[1:])
+        _hydra_main()
+    except Exception as e:
+        if _FULL_ERROR:
+            raise
+        print(error_line(e), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
