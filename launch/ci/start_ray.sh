@@ -2,6 +2,8 @@
 # A one-node Ray cluster on 127.0.0.1:$NSA_RAY_PORT (default 6380), dashboard off, every socket on
 # loopback. Idempotent: a running head on that port is reused. Run it from the environment that
 # trains (the workers use this Python). Logs: $NSA_RAY_DIR/session_latest/logs (default /tmp/nsa_dist_ray).
+# What it started (session dir, port, process group) is recorded in $NSA_RAY_DIR/started_head, so that
+# stop_ray.sh stops this cluster and no other Ray of the user.
 set -euo pipefail
 
 PORT=${NSA_RAY_PORT:-6380}
@@ -39,9 +41,18 @@ mkdir -p "$RAY_DIR"
 if [ "$RAY_AUTH_MODE" = token ]; then
     ray get-auth-token --generate >/dev/null
 fi
-ray start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
+# Its own session and process group: left in the caller's, stop_ray.sh could not tell the head's
+# processes from the shell that started it.
+setsid --wait ray start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" \
     "${dashboard[@]}" --disable-usage-stats --temp-dir="$RAY_DIR" >"$RAY_DIR/start.log" 2>&1 \
     || { cat "$RAY_DIR/start.log" >&2; die "ray start failed (output above, also in $RAY_DIR/start.log)"; }
+# Every process of the head (gcs_server, raylet, agents, and the workers raylet forks) shares the
+# process group setsid gave `ray start`; the session directory names them among the user's other Ray processes.
+session=$(readlink -f "$RAY_DIR/session_latest")
+gcs_pid=$(pgrep -u "$(id -u)" -f "gcs_server .*--log_dir=$session/logs" | head -n 1 || true)
+[ -n "$gcs_pid" ] || die "ray start returned but no gcs_server of session $session runs: see $RAY_DIR/start.log"
+pgid=$(ps -o pgid= -p "$gcs_pid" | tr -d ' ')
+printf 'session=%s\nport=%s\npgid=%s\n' "$session" "$PORT" "$pgid" >"$RAY_DIR/started_head"
 for _ in $(seq 30); do
     if ray status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
         log "Ray head up at 127.0.0.1:$PORT with $CPUS CPUs (logs in $RAY_DIR/session_latest/logs)"

@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# Stops the Ray processes of this user (what start_ray.sh started). Safe when none run. Run it from
-# the environment that started Ray, so that `ray` is on PATH.
+# Stops the Ray head that start_ray.sh started, and nothing else: the process group recorded in
+# $NSA_RAY_DIR/started_head, after checking that it still belongs to the recorded session (a reused
+# group id is left alone). Other Ray clusters of the user keep running. Safe when nothing runs.
 set -uo pipefail
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
-ray_running() { pgrep -u "$(id -u)" -x raylet >/dev/null || pgrep -u "$(id -u)" -x gcs_server >/dev/null; }
+RAY_DIR=${NSA_RAY_DIR:-/tmp/nsa_dist_ray}
+RECORD=$RAY_DIR/started_head
+log() { echo "stop_ray: $*"; }
 
-if ! ray_running; then
-    echo "stop_ray: no Ray processes of $(id -un) running"
+if [ ! -s "$RECORD" ]; then
+    log "no head started by start_ray.sh is recorded ($RECORD): nothing to stop"
     exit 0
 fi
-if ! command -v ray >/dev/null; then
-    echo "stop_ray: error: Ray is running but the ray CLI is not on PATH: activate the environment that started it" >&2
+session=$(sed -n 's/^session=//p' "$RECORD")
+pgid=$(sed -n 's/^pgid=//p' "$RECORD")
+port=$(sed -n 's/^port=//p' "$RECORD")
+
+# Members of the group that still run (a zombie waits for a parent that may never reap it).
+live_members() {
+    local pid
+    for pid in $(pgrep -g "$pgid" 2>/dev/null); do
+        [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] || echo "$pid"
+    done
+}
+group_alive() { [ -n "$(live_members)" ]; }
+ours() { pgrep -g "$pgid" -f -- "$session" >/dev/null 2>&1; }
+
+if [ -z "$pgid" ] || [ "$pgid" = "$(ps -o pgid= -p $$ | tr -d ' ')" ] || ! group_alive || ! ours; then
+    log "the head of session $session (port $port) is not running"
+    rm -f "$RECORD"
+    exit 0
+fi
+kill -TERM -- "-$pgid" 2>/dev/null
+for _ in $(seq 50); do
+    group_alive || break
+    sleep 0.2
+done
+if group_alive; then
+    kill -KILL -- "-$pgid" 2>/dev/null
+    sleep 0.5
+fi
+if group_alive; then
+    echo "stop_ray: error: processes of group $pgid survived SIGKILL: $(live_members | tr '\n' ' ')" >&2
     exit 1
 fi
-ray stop --grace-period 10 >/dev/null 2>&1 || true
-ray_running && ray stop --force >/dev/null 2>&1
-if ray_running; then
-    echo "stop_ray: error: Ray processes survived 'ray stop --force': $(pgrep -u "$(id -u)" -x -d ' ' 'raylet|gcs_server')" >&2
-    exit 1
-fi
-echo "stop_ray: stopped (logs kept in ${NSA_RAY_DIR:-/tmp/nsa_dist_ray}/session_latest/logs)"
+rm -f "$RECORD"
+log "stopped the head on 127.0.0.1:$port (process group $pgid; logs kept in $session/logs)"
