@@ -11,6 +11,9 @@ two matmuls per forward matmul). Matmuls cost 2 FLOPs per multiply-add. Per laye
 - selected attention: `4 * HQ * D * sum_t min(n * l', t + 1)`;
 - sliding window: `4 * HQ * D * sum_t min(w, t + 1)`.
 
+With `model.attention=dense` (the SDPA baseline) a layer has no φ and no gates, and its attention is
+`4 * HQ * D * sum_t (t + 1)`.
+
 Plus the LM head `2 * T * hidden * vocab`. The embedding lookup is free. Causal sums are exact
 (counted per position), so a short sequence is not charged for keys it cannot see. Model FLOPs
 utilisation = achieved model FLOPs per second per device / the device's peak.
@@ -46,15 +49,24 @@ def attention_flops(seq_len: int, model: ModelConfig, nsa: NSAConfig) -> int:
     return hq * d * (4 * visible_cmp + 2 * visible_cmp + 4 * selected + 4 * window)
 
 
+def dense_attention_flops(seq_len: int, model: ModelConfig) -> int:
+    """Forward FLOPs of one layer's causal dense attention (the `model.attention=dense` baseline)."""
+    return 4 * model.num_heads * model.head_dim * _causal_sum(seq_len, lambda t: t + 1)
+
+
 def model_flops_per_sequence(seq_len: int, model: ModelConfig, nsa: NSAConfig, *, training: bool = True) -> int:
     hidden, hq, h, d = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
-    kv_sets = 3 if nsa.separate_kv else 1
-    branches = 3 if nsa.window else 2
-    dense = (hidden * hq * d + hidden * kv_sets * 2 * h * d + hq * d * hidden + hidden * branches * hq
-             + 3 * hidden * model.ffn_size)
-    phi = nsa.block_len * d + (nsa.block_len * d * 2 * d + 2 * d * d if nsa.compression == "mlp" else 0)
-    compressed_tokens = max(0, (seq_len - nsa.block_len) // nsa.stride + 1)
-    per_layer = 2 * seq_len * dense + 2 * 2 * phi * h * compressed_tokens + attention_flops(seq_len, model, nsa)
+    mlp_and_attention_out = hq * d * hidden + 3 * hidden * model.ffn_size
+    if model.attention == "dense":
+        dense = hidden * hq * d + hidden * 2 * h * d + mlp_and_attention_out
+        per_layer = 2 * seq_len * dense + dense_attention_flops(seq_len, model)
+    else:
+        kv_sets = 3 if nsa.separate_kv else 1
+        branches = 3 if nsa.window else 2
+        dense = hidden * hq * d + hidden * kv_sets * 2 * h * d + hidden * branches * hq + mlp_and_attention_out
+        phi = nsa.block_len * d + (nsa.block_len * d * 2 * d + 2 * d * d if nsa.compression == "mlp" else 0)
+        compressed_tokens = max(0, (seq_len - nsa.block_len) // nsa.stride + 1)
+        per_layer = 2 * seq_len * dense + 2 * 2 * phi * h * compressed_tokens + attention_flops(seq_len, model, nsa)
     forward = model.num_layers * per_layer + 2 * seq_len * hidden * model.vocab_size
     return 3 * forward if training else forward
 

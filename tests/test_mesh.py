@@ -164,3 +164,17 @@ def test_model_flops_count_the_matrix_products_a_forward_runs(nsa):
     beyond_attention = (model_flops_per_sequence(T, config, nsa, training=False)
                         - config.num_layers * (attention_flops(T, config, nsa) + position_add))
     assert counted["mm"] + counted["addmm"] == beyond_attention
+
+
+def test_dense_baseline_flops_count_its_own_matrix_products():
+    """`model.attention=dense` has no φ and no gates: beyond its causal attention, the count is what torch's
+    FLOP counter sees in mm / addmm, and the attention is 4·HQ·D per visible (query, key) pair."""
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         attention="dense")
+    T = 96
+    with FlopCounterMode(display=False) as counter:
+        NSATransformer(config, NSAConfig())(torch.randint(0, 64, (1, T)))
+    counted = {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = 4 * 4 * 8 * T * (T + 1) // 2
+    beyond_attention = model_flops_per_sequence(T, config, NSAConfig(), training=False) - config.num_layers * attention
+    assert counted["mm"] + counted.get("addmm", 0) == beyond_attention
