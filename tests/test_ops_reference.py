@@ -8,14 +8,8 @@ import itertools
 import pytest
 import torch
 
-from nsa_dist.kernels import (
-    compressed_attention,
-    gated_sum,
-    nsa_attention,
-    select_blocks,
-    selection_attention,
-    window_attention,
-)
+from nsa_dist.kernels import compressed_attention, gated_sum, nsa_attention, select_blocks
+from nsa_dist.kernels import selection_attention, window_attention
 
 TOL = 1e-5
 SMALL = dict(block_len=8, stride=4, select_size=16)
