@@ -266,12 +266,16 @@ class _RingStep(torch.autograd.Function):
         return ctx.link["reverse"][2], None, None  # filled once _AwaitReverseStep has waited
 
 
-class _PostReverseStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, got, link):
-        ctx.link = link
-        return got.view_as(got)
+class _LinkedIdentity(torch.autograd.Function):
+    """The identity, holding a ring step's link: each subclass's backward does one part of the reverse step."""
 
+    @staticmethod
+    def forward(ctx, x, link):
+        ctx.link = link
+        return x.view_as(x)
+
+
+class _PostReverseStep(_LinkedIdentity):
     @staticmethod
     def backward(ctx, grad):
         send_rows, dst, src, sp = ctx.link["meta"]
@@ -282,12 +286,7 @@ class _PostReverseStep(torch.autograd.Function):
         return grad, None
 
 
-class _AwaitReverseStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, link):
-        ctx.link = link
-        return x.view_as(x)
-
+class _AwaitReverseStep(_LinkedIdentity):
     @staticmethod
     def backward(ctx, grad):
         reqs, _, _ = ctx.link.pop("reverse")
