@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Folder -> the package name setuptools maps it to (pyproject.toml package-dir).
 PACKAGES = {"kernels": "nsa_dist.kernels", "parallel": "nsa_dist.parallel", "launch": "nsa_dist.launch",
             "nsa_dist": "nsa_dist"}
-MODEL_MODULES = {"layer", "model", "convert", "hf", "parallelize", "models", "sp_data"}
+MODEL_MODULES = {"layer", "model", "convert", "hf", "parallelize", "models"}
 MAX_LINES = 600
 
 
