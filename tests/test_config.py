@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import subprocess
 import sys
 from importlib.resources import files
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from nsa_dist.config import SECTIONS, RunConfig, run_config
 
@@ -40,7 +42,7 @@ def test_every_group_has_its_documented_options():
     assert set(group_options("nsa")) >= {"paper", "fla", "tiny"}
     assert set(group_options("data")) >= {"passkey", "text", "tokens"}
     assert set(group_options("trainer")) >= {"cpu", "gpu"}
-    assert set(group_options("experiment")) >= {"smoke"}
+    assert set(group_options("experiment")) >= {"smoke", "scaling_smoke", "scaling_strong", "scaling_weak"}
 
 
 def test_every_config_file_is_one_these_tests_compose():
@@ -79,19 +81,44 @@ def test_every_experiment_converts_and_changes_only_what_it_states(compose_confi
     text = CONF.joinpath("experiment", f"{experiment}.yaml").read_text()
     assert text.startswith("# @package _global_")
     spec = yaml.safe_load(text)
+    spec.pop("hydra", None)  # its sweep: test_every_experiment_sweep_point_converts
     # `override /trainer: gpu` in its defaults list is `trainer=gpu` on the command line.
     groups = [f"{key.removeprefix('override').strip().strip('/')}={value}"
               for entry in spec.pop("defaults", []) for key, value in entry.items()]
     base = dataclasses.asdict(run_config(compose_config(*groups)))
-    changed = dataclasses.asdict(run_config(compose_config(f"experiment={experiment}")))
+    composed = compose_config(f"experiment={experiment}")
+    changed = dataclasses.asdict(run_config(composed))
     for section, values in spec.items():
         for key, value in values.items():
+            if isinstance(value, str) and value.startswith("${"):  # an interpolation: what it resolves to
+                value = OmegaConf.select(composed, f"{section}.{key}")
+                assert changed[section][key] == value, f"experiment={experiment} sets {section}.{key}"
+                continue
             assert changed[section][key] == value, f"experiment={experiment} sets {section}.{key}"
             assert base[section][key] != value, f"experiment={experiment} restates {section}.{key}={value!r}"
     for section in base:
         unstated = {k: v for k, v in base[section].items() if k not in spec.get(section, {})}
         assert {k: changed[section][k] for k in unstated} == unstated, \
             f"experiment={experiment} changed {section} beyond what it states"
+
+
+def sweep_points(experiment):
+    """`(experiment, [key=value, ...])` for every job of the experiment's `hydra.sweeper.params`."""
+    spec = yaml.safe_load(CONF.joinpath("experiment", f"{experiment}.yaml").read_text())
+    params = ((spec.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    choices = [[f"{key}={v.strip()}" for v in str(values).split(",")] for key, values in params.items()]
+    return [(experiment, list(point)) for point in itertools.product(*choices)] if choices else []
+
+
+@pytest.mark.parametrize("experiment,point", [p for e in group_options("experiment") for p in sweep_points(e)],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_every_experiment_sweep_point_converts(compose_config, experiment, point):
+    """Each job of an experiment's sweep is a valid run, with the swept values (e.g. data.seq_len fits every P)."""
+    run = dataclasses.asdict(run_config(compose_config(f"experiment={experiment}", *point)))
+    for override in point:
+        key, value = override.split("=", 1)
+        section, name = key.split(".", 1)
+        assert str(run[section][name]) == value, f"experiment={experiment} {override} did not reach the run"
 
 
 def test_presets_hold_the_documented_values(compose_config):
