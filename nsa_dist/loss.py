@@ -17,10 +17,14 @@ def shard_batch(batch: Batch, sp: SequenceParallel | None) -> Batch:
     return Batch(shard(batch.inputs, sp), shard(batch.targets, sp), mask)
 
 
-def token_metrics(logits: torch.Tensor, batch: Batch,
-                  sp: SequenceParallel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def token_metrics(logits: torch.Tensor, batch: Batch, sp: SequenceParallel | None = None, *,
+                  loss_on: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to backpropagate, and the replica's metrics: mean cross-entropy over all its targets, plus
     loss and accuracy on the answer bytes when there are some.
+
+    `loss_on="answers"` (`data.loss_on`) backpropagates the mean cross-entropy over the answer targets
+    only: a retrieval task's few answers would drown in a loss over every token. The metrics are the same
+    either way.
 
     With `sp`, `batch` holds this rank's shard of the replica's sequences. The local loss is the sum
     over local targets divided by the replica's target count, times the sp degree: summed over the
@@ -32,7 +36,10 @@ def token_metrics(logits: torch.Tensor, batch: Batch,
     per_token = per_token.view_as(batch.targets)  # (B, T_local)
     ranks = 1 if sp is None else sp.size
     tokens = batch.targets.numel() * ranks
-    loss = per_token.mean() if sp is None else per_token.sum() * (ranks / tokens)
+    if loss_on == "answers":
+        loss = _answer_loss(per_token, batch.answer_mask, sp)
+    else:
+        loss = per_token.mean() if sp is None else per_token.sum() * (ranks / tokens)
     detached = per_token.detach().double()
     sums = [detached.sum().reshape(1)]
     mask = batch.answer_mask
@@ -50,3 +57,19 @@ def token_metrics(logits: torch.Tensor, batch: Batch,
         metrics["answer_accuracy"] = (correct_rows.sum() / mask_rows.sum()).float()
         metrics["passkey_exact"] = (correct_rows == mask_rows).float().mean()
     return loss, metrics
+
+
+def _answer_loss(per_token: torch.Tensor, mask: torch.Tensor | None, sp: SequenceParallel | None) -> torch.Tensor:
+    """Mean cross-entropy over the replica's answer targets, scaled like the token loss under `sp`."""
+    if mask is None:
+        raise ValueError("data.loss_on=answers needs a task with answers (data=needle, mqar or passkey); "
+                         "use data.loss_on=all for text and token data")
+    mask = mask.to(per_token.dtype)
+    answers = mask.sum().detach()
+    ranks = 1
+    if sp is not None:
+        # All the answers may sit on one rank's shard: the count is the replica's, not this rank's.
+        answers = answers.clone()
+        dist.all_reduce(answers, group=sp.group)
+        ranks = sp.size
+    return (per_token * mask).sum() * ranks / answers.clamp_min(1)

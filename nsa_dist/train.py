@@ -117,7 +117,7 @@ class _Job:
 def _build_job(run: RunConfig, device: torch.device, dist_ctx: DistributedContext, run_dir: Path) -> _Job:
     cfg = run.trainer
     mesh = build_mesh(run.parallel, device_type=device.type)
-    exchange_log = ExchangeLog()
+    exchange_log = ExchangeLog(timed=run.parallel.time_collectives)
     torch.manual_seed(cfg.seed)
     model = parallelize(build_model(run.model, run.nsa).to(device), mesh,
                         activation_checkpointing=cfg.activation_checkpointing, exchange_log=exchange_log)
@@ -178,7 +178,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
             loss, step_metrics, grad_norm = train_step(engine, job.source.sample(cfg.batch_size), sp, device,
-                                                       job.autocast, timer, dp_group=mesh.dp_group)
+                                                       job.autocast, timer, dp_group=mesh.dp_group,
+                                                       loss_on=run.data.loss_on)
             losses.append(loss)
             exchanged = metrics.exchange_totals(job.exchange_log.pop()) if sp is not None else None
             tokens_per_s = run_log.step(step, loss=losses[-1], lr=lr,
@@ -227,7 +228,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
 
 
 def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, device: torch.device, autocast,
-               timer: metrics.PhaseTimer, *, dp_group: Any = None) -> tuple[float, dict[str, torch.Tensor], float | None]:
+               timer: metrics.PhaseTimer, *, dp_group: Any = None,
+               loss_on: str = "all") -> tuple[float, dict[str, torch.Tensor], float | None]:
     """One optimizer step on a replica's batch (this rank keeps its shard): the loss (mean over the
     replicas in `dp_group`), the step's metrics and the gradient norm (None: the engine does not say).
     A non-finite loss or norm is the same on every rank and leaves the weights as they were (plain path)."""
@@ -237,7 +239,7 @@ def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, d
     with timer.phase("forward"):
         with autocast:
             logits = engine.forward(batch.inputs)  # (B, T_local, vocab)
-        loss, step_metrics = token_metrics(logits, batch, sp)
+        loss, step_metrics = token_metrics(logits, batch, sp, loss_on=loss_on)
     with timer.phase("backward"):
         engine.backward(loss)
     # host sync: the loss is logged every step, and decides whether the update is applied. The replica's
