@@ -1,4 +1,4 @@
-"""What rank 0 records of a run: TensorBoard scalars, one JSON line per step, hparams at the end.
+"""What rank 0 records of a run: TensorBoard scalars, one JSON line per step, its hparams.
 
 Every rank makes a `RunLog` and calls it the same way; on the other ranks the TensorBoard writer is a
 `Discard` and nothing is written, so the training loop needs no rank checks around its logging.
@@ -11,8 +11,13 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from nsa_dist import metrics
+
+
+# The metrics TensorBoard's HParams tab shows beside each run's config.
+HPARAM_METRICS = ("hparam/final_loss", "train/loss", "train/tokens_per_s_per_device", "eval/answer_accuracy")
 
 
 class Discard:
@@ -75,8 +80,19 @@ class RunLog:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
-    def hparams(self, hparams: dict, results: dict[str, float]) -> None:
-        self.writer.add_hparams(_flat_hparams(hparams), {f"hparam/{k}": v for k, v in results.items()}, run_name=".")
+    def start_hparams(self, hparams: dict) -> None:
+        """The run's config as TensorBoard hparams, written when it starts: a run that stops midway, or
+        resumes, still shows up beside the others of its sweep."""
+        if not self.is_main:
+            return
+        experiment, session_start, _ = hparams_summaries(_flat_hparams(hparams), dict.fromkeys(HPARAM_METRICS, 0.0))
+        for summary in (experiment, session_start):
+            self.writer._get_file_writer().add_summary(summary)
+
+    def end_hparams(self, results: dict[str, float], step: int) -> None:
+        """The run's closing numbers under `hparam/`, the metrics the HParams tab reads."""
+        for name, value in results.items():
+            self.writer.add_scalar(f"hparam/{name}", value, step)
 
     def close(self) -> None:
         self.writer.close()

@@ -164,6 +164,8 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
     if resumed_from is not None:
         log.info("resumed from %s at step %d", resumed_from, start_step)
     run_log = _run_log(run, run_dir, mesh, device, is_main=dist_ctx.is_main, start_step=start_step)
+    if hparams is not None:
+        run_log.start_hparams(hparams)
 
     losses: list[float] = []
     eval_metrics: dict[str, float] = {}
@@ -211,8 +213,9 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
             job.exchange_log.pop()
             run_log.scalars("eval", eval_metrics, cfg.steps - 1)
             log.info("step %d: %s", cfg.steps, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
-        if hparams is not None and losses:
-            run_log.hparams(hparams, {"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+        if losses:
+            run_log.end_hparams({"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}},
+                                cfg.steps - 1)
     engine.close()
     steps_run = cfg.steps - start_step
     job_tokens_per_s = run_log.tokens_per_step * steps_run / elapsed

@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nsa_dist.config import TrainConfig
-from nsa_dist.train import lr_at, main
+from nsa_dist.train import NonFiniteLoss, lr_at, main
 
 FAST = ("trainer.batch_size=2", "data.seq_len=256", "trainer.eval_batch_size=4", "trainer.progress_bar=false",
         "trainer.device=cpu")
@@ -81,3 +82,17 @@ def test_a_non_finite_gradient_leaves_weights_and_optimizer_alone():
     engine.backward(model(torch.ones(1, 3)).sum())
     engine.step()
     assert not torch.equal(before[0], model.weight)
+
+
+def test_a_run_that_stops_midway_still_carries_its_hparams(compose_config, tmp_path):
+    """Written when the run starts: a sweep's failed or resumed runs still sit beside the others in TensorBoard."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = compose_config(*FAST, "trainer.steps=4", "trainer.eval_every=0", "model.num_layers=1", "trainer.lr=1e9",
+                         "parallel.sp=1")
+    with pytest.raises(NonFiniteLoss):
+        main(cfg, run_dir=tmp_path)
+    content = EventAccumulator(str(tmp_path / "tensorboard")).Reload().PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["trainer.lr"].number_value == 1e9
+    assert start.session_start_info.hparams["parallel.sp"].number_value == 1
