@@ -395,6 +395,8 @@ def shape_from_run(run_dir: Path) -> dict:
     """Model dims and NSA knobs of a training run, from its `.hydra/config.yaml`."""
     from omegaconf import OmegaConf
 
+    import nsa_dist.config  # noqa: F401 - registers ${mul:...}, which a weak-scaling data.seq_len is written with
+
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     model, nsa = cfg["model"], cfg["nsa"]
     return dict(heads=model["num_heads"], kv_heads=model["num_kv_heads"], head_dim=model["head_dim"],

@@ -9,6 +9,7 @@ the dataclass of its own section.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
@@ -22,6 +23,12 @@ from nsa_dist.launch.config import LauncherConfig
 from nsa_dist.layer import NSAConfig
 from nsa_dist.model import ModelConfig
 from nsa_dist.parallel import ParallelConfig, check_length
+
+# `${mul:a,b}` in a config: a weak-scaling sweep keeps the tokens per GPU fixed, so its sequence length is
+# `${mul:${parallel.sp},TOKENS_PER_GPU}` (conf/experiment/scaling_weak.yaml). Registered with the schemas,
+# which every reader of a run config (the trainer, the report, bench/project.py) imports.
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(int(f) for f in factors))
 
 OPTIMIZERS = ("adamw",)
 PRECISIONS = ("fp32", "bf16")

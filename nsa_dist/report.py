@@ -109,7 +109,7 @@ class Run:
 
 
 def load_run(path: Path, root_names: list[Path]) -> Run:
-    import nsa_dist.parallel  # noqa: F401 - registers ${mul:...}, which a weak-scaling data.seq_len is written with
+    import nsa_dist.config  # noqa: F401 - registers ${mul:...}, which a weak-scaling data.seq_len is written with
 
     cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
     P = int(OmegaConf.select(cfg, "parallel.sp", default=None) or 1)

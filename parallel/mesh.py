@@ -7,25 +7,16 @@ loader takes `mesh.dp_rank`; nothing reads the mesh from a global.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 
 from .collectives import collective_device
 
 EXCHANGES = ("all_to_all", "ring", "all_gather")
-
-# `${mul:a,b}` in a config: a weak-scaling sweep keeps the tokens per GPU fixed, so its sequence length is
-# `${mul:${parallel.sp},TOKENS_PER_GPU}` (conf/experiment/scaling_weak.yaml). Registered where
-# ParallelConfig lives, which every reader of the run config (the trainer, the report) imports.
-if not OmegaConf.has_resolver("mul"):
-    OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(int(f) for f in factors))
-
 
 @dataclass(frozen=True)
 class SequenceParallel:
