@@ -48,18 +48,21 @@ def start_elastic_ranks(launcher: LauncherConfig, entry: Callable[..., Any], arg
              launcher.rdzv_endpoint)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    agent_log = logging.getLogger("torch.distributed.elastic")
-    agent_level = agent_log.level
+    # A failing rank is reported below, once. The agent would log its exit with a traceback, and the
+    # process context a warning for each rank it then terminates.
+    agent_logs = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn")]
+    agent_levels = [agent_log.level for agent_log in agent_logs]
     with tempfile.TemporaryDirectory(prefix="nsa_dist_failures_") as failures:
         try:
-            # A failing rank is reported below, once; the agent would log its exit with a traceback.
-            agent_log.setLevel(logging.CRITICAL)
+            for agent_log in agent_logs:
+                agent_log.setLevel(logging.CRITICAL)
             results = elastic_launch(config, _elastic_rank)(entry, args, str(run_dir), failures)
         except ChildFailedError as e:
             message = reported_failure(Path(failures), run_dir)
             raise RuntimeError(message or f"a rank died without a message: {e.get_first_failure()[1]}") from None
         finally:
-            agent_log.setLevel(agent_level)
+            for agent_log, level in zip(agent_logs, agent_levels):
+                agent_log.setLevel(level)
     # Keyed by global rank: on the first node that includes rank 0, on the others their lowest rank.
     return results[min(results)]
 
