@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from nsa_dist.data import DataConfig, build_source
 from nsa_dist.layer import NSAConfig
-from nsa_dist.model import ModelConfig, NSATransformer
+from nsa_dist.model import ModelConfig
+from nsa_dist.models import build_model as build_configured
 from nsa_dist.selection_stats import (SelectionRecorder, distinct_free_blocks, gate_means, mean_forced_mass,
                                       needle_hits)
 from nsa_dist.tasks import RETRIEVAL_KINDS
@@ -59,12 +60,8 @@ def _known(cls, values: dict, section: str) -> dict:
 
 
 def build_model(model_values: dict, nsa_values: dict) -> torch.nn.Module:
-    """The model a run config's model and nsa sections describe (nsa_dist.models.build_model where it exists)."""
+    """The model a run config's model and nsa sections describe (nsa_dist.models.build_model)."""
     nsa = NSAConfig(**_known(NSAConfig, nsa_values, "nsa"))
-    try:
-        from nsa_dist.models import build_model as build_configured
-    except ImportError:
-        return NSATransformer(ModelConfig(**_known(ModelConfig, model_values, "model")), nsa)
     return build_configured(ModelConfig(**_known(ModelConfig, model_values, "model")), nsa)
 
 
