@@ -25,11 +25,12 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # project.py beside this file holds the byte model
 
-from project import exchange_bytes, parse_sizes, rank_chunks, remote_blocks, split_problem, Shape  # noqa: E402
+from project import exchange_bytes, parse_sizes, remote_blocks, split_problem, Shape  # noqa: E402
 
 from nsa_dist.data import DataConfig, build_source  # noqa: E402
 from nsa_dist.layer import NSAConfig  # noqa: E402
 from nsa_dist.model import ModelConfig, NSATransformer  # noqa: E402
+from nsa_dist.parallel.sharding import chunk_owner, rank_chunks  # noqa: E402
 from nsa_dist.selection_stats import selected_blocks_per_layer  # noqa: E402
 
 
@@ -83,9 +84,7 @@ def remote_selection_fraction(idx_chunks: list[torch.Tensor], rank: int, P: int,
     ids = ids[ids >= 0]
     if not ids.numel():
         return 0.0
-    chunk = ids * select_size // chunk_len
-    owner = torch.where(chunk < P, chunk, 2 * P - 1 - chunk)
-    return float((owner != rank).float().mean())
+    return float((chunk_owner(ids * select_size // chunk_len, P) != rank).float().mean())
 
 
 def split_layer(idx: torch.Tensor, layer: int, P: int, N: int, nsa: NSAConfig, row_bytes: int) -> tuple[list, dict]:

@@ -41,11 +41,13 @@ import torch
 from nsa_dist.kernels import (compressed_attention, gated_sum, num_compressed, select_blocks, selection_attention,
                               window_attention)
 from nsa_dist.layer import NSAConfig
+from nsa_dist.parallel.exchange import ID_BYTES
+from nsa_dist.parallel.halo import halo_starts
+from nsa_dist.parallel.sharding import chunk_owner, rank_chunks
 
 NSA_KNOBS = ("block_len", "stride", "select_size", "top_n", "window", "num_init", "num_local")
 GB = 1e9
 MIB = 2**20
-ID_BYTES = 8  # one block id or count, as the exchange sends them
 A2A_SMALL, A2A_LARGE = (8 * MIB, 102.0), (2**30, 336.0)  # (bytes per rank, bus GB/s)
 ALLGATHER_GBPS = 342.0
 RING_STEP_GBPS = 360.0
@@ -80,14 +82,6 @@ class Shape:
     @property
     def halo_len(self) -> int:
         return max(self.nsa.block_len - self.nsa.stride, self.nsa.window - 1 if self.nsa.window else 0)
-
-
-def rank_chunks(rank: int, size: int) -> tuple[int, int]:
-    return rank, 2 * size - 1 - rank
-
-
-def chunk_owner(chunk: int, size: int) -> int:
-    return chunk if chunk < size else 2 * size - 1 - chunk
 
 
 def split_problem(shape: Shape, P: int, N: int) -> str | None:
@@ -128,7 +122,7 @@ def halo_sources(shape: Shape, rank: int, P: int, N: int) -> dict[int, int]:
         lo = max(0, c * C - shape.halo_len)
         for g_chunk in range(lo // C, c):
             n = min((g_chunk + 1) * C, c * C) - max(g_chunk * C, lo)
-            owner = chunk_owner(g_chunk, P)
+            owner = g_chunk if g_chunk < P else 2 * P - 1 - g_chunk
             if owner != rank and n > 0:
                 got[owner] = got.get(owner, 0) + n
     return got
@@ -144,8 +138,7 @@ def remote_blocks(idx_per_chunk: list[torch.Tensor], rank: int, P: int, chunk_le
     """
     ids = torch.cat([i.flatten() for i in idx_per_chunk])
     blocks = torch.unique(ids[ids >= 0]).long()
-    chunks = blocks * select_size // chunk_len
-    owners = torch.where(chunks < P, chunks, 2 * P - 1 - chunks)
+    owners = chunk_owner(blocks * select_size // chunk_len, P)
     counts = torch.bincount(owners, minlength=P).tolist()
     return {s: counts[s] for s in range(P) if s != rank and counts[s]}
 
@@ -239,7 +232,7 @@ class RankInputs:
         self.starts = [c * self.C for c in rank_chunks(rank, P)]
         self.q = [self.randn(shape.batch, self.C, shape.heads, shape.head_dim) for _ in self.starts]
         self.k_cmp, self.v_cmp = k_cmp, v_cmp
-        self.halo_starts = [max(0, st - shape.halo_len) for st in self.starts]
+        self.halo_starts = halo_starts(rank, P, self.C, shape.halo_len)
 
     def randn(self, *dims):
         return torch.randn(*dims, generator=self.gen, device=self.device, dtype=self.dtype)
