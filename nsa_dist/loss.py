@@ -6,15 +6,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nsa_dist.data import Batch
-from nsa_dist.parallel import SequenceParallel, shard
-
-
-def shard_batch(batch: Batch, sp: SequenceParallel | None) -> Batch:
-    """This rank's zigzag shard of a replica's batch; the targets were shifted on the full sequence."""
-    if sp is None:
-        return batch
-    mask = None if batch.answer_mask is None else shard(batch.answer_mask, sp)
-    return Batch(shard(batch.inputs, sp), shard(batch.targets, sp), mask)
+from nsa_dist.parallel import SequenceParallel
+# This rank's zigzag shard of a replica's Batch (its targets were shifted on the full sequence).
+from nsa_dist.sp_data import shard_batch  # noqa: F401
 
 
 def token_metrics(logits: torch.Tensor, batch: Batch, sp: SequenceParallel | None = None, *,
