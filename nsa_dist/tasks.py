@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nsa_dist.data import Batch
+from nsa_dist.data import Batch, _split as _windows_to_batch
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _split(windows: torch.Tensor, answer_targets: torch.Tensor, sources: torch.T
     mask[rows, answer_targets - 1] = True  # the target at index t is window token t + 1
     source_map = torch.full((B, T), -1, dtype=torch.int64)
     source_map[rows, answer_targets - 1] = sources
-    return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), mask), source_map
+    return _windows_to_batch(windows, mask), source_map
 
 
 class _GeneratedTask:
