@@ -21,8 +21,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from nsa_dist.kernels import BACKENDS
 from nsa_dist.parallel import ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions, nsa_forward
-from nsa_dist.parallel.collectives import all_to_all
-from nsa_dist.parallel.sharding import global_positions_of, rank_chunks
+from nsa_dist.parallel.exchange import all_gather_kv
+from nsa_dist.parallel.sharding import rank_chunks
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -236,7 +236,7 @@ class DenseAttention(RotaryProjections, nn.Module):
         q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
         if sp is not None:
             kv = torch.cat([k, v], -1)  # (B, T, H, 2D)
-            k, v = gather_sequence(kv, sp).split(self.head_dim, -1)  # (B, N, H, D) each, in global order
+            k, v = all_gather_kv(kv, sp, self.plans).split(self.head_dim, -1)  # (B, N, H, D) each, in global order
             if log is not None:
                 sent = kv[:, :1].numel() * kv.element_size() * T * (sp.size - 1)
                 log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
@@ -270,21 +270,6 @@ def _sdpa(q, k, v, mask):
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=True)  # (B, HQ, T, D)
     return o.transpose(1, 2)
-
-
-def gather_sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-    """The whole sequence `[B, N, ...]` in global order from every rank's zigzag shard `x [B, T, ...]`.
-
-    Unlike `nsa_dist.parallel.unshard`, each rank may use the result differently (its own queries): the
-    backward sends each rank's gradient of every token to the token's owner, which sums them. An
-    all-to-all of `P` copies does both: its backward is the reverse all-to-all, and the copies' gradients
-    add up in the `repeat`.
-    """
-    T = x.shape[1]
-    rows = x.movedim(1, 0)  # (T, B, ...)
-    got = all_to_all(rows.repeat(sp.size, *([1] * (rows.dim() - 1))), [T] * sp.size, [T] * sp.size, sp)  # (P*T, B, ...)
-    owner_order = torch.cat([global_positions_of(r, sp.size, T) for r in range(sp.size)]).to(x.device)
-    return got[torch.argsort(owner_order)].movedim(0, 1)
 
 
 ATTENTION_LAYERS = (SparseAttention, DenseAttention)  # what nsa_dist.parallelize runs on sequence shards

@@ -183,7 +183,7 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
     else:
         plan = plan or plan_selected_blocks(kv, idx, sp, select_size=select_size, cu_seqlens=cu_seqlens, timer=timer)
     if plan.fall_back or sp.exchange == "all_gather":
-        return [part.contiguous() for part in _all_gather_kv(kv, sp, plans, timer)[:, :hi].split(widths, -1)], plan
+        return [part.contiguous() for part in all_gather_kv(kv, sp, plans, timer)[:, :hi].split(widths, -1)], plan
     rows, send_splits, recv_splits = _requested_rows(kv, plan, sp, select_size, timer)
     move = ring_all_to_all if sp.exchange == "ring" else all_to_all
     fetched = move(rows, send_splits, recv_splits, sp, timer).transpose(0, 1)  # (B, R, H, F)
@@ -306,8 +306,10 @@ def _post_send_recv(x, recv_rows, dst, src, sp):
     return got, (dist.batch_isend_irecv(ops) if ops else [])
 
 
-def _all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None, timer=UNTIMED) -> torch.Tensor:
-    """Every rank's K/V in global order, `[B, N, H, F]`; the backward returns each rank its gradient."""
+def all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None, timer=UNTIMED) -> torch.Tensor:
+    """Every rank's K/V in global order, `[B, N, H, F]`. Each rank may use the result differently (its
+    own queries): the backward sends each rank's gradient of every token to the token's owner, which
+    sums them."""
     P, T2 = sp.size, kv.shape[1]
     rows = kv.transpose(0, 1)  # (2C, B, H, F)
     got = all_to_all(rows.repeat(P, *([1] * (rows.dim() - 1))), [T2] * P, [T2] * P, sp, timer)  # grouped by rank
