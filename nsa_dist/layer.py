@@ -21,8 +21,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from nsa_dist.kernels import BACKENDS
 from nsa_dist.parallel import ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions, nsa_forward
+from nsa_dist.parallel.attention import local_chunks
 from nsa_dist.parallel.exchange import all_gather_kv
-from nsa_dist.parallel.sharding import rank_chunks
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -241,8 +241,7 @@ class DenseAttention(RotaryProjections, nn.Module):
                 sent = kv[:, :1].numel() * kv.element_size() * T * (sp.size - 1)
                 log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
                                          compressed_bytes=0, allgather_bytes=sent, blocks_fetched=0))
-        starts = (0,) if sp is None else tuple(c * (T // 2) for c in rank_chunks(sp.rank, sp.size))
-        o = causal_attention(q, k, v, starts, cu_seqlens)
+        o = causal_attention(q, k, v, local_chunks(T, sp).starts, cu_seqlens)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
