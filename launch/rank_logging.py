@@ -18,6 +18,11 @@ def configure_rank_logging(rank: int, run_dir: Path) -> None:
     root.setLevel(logging.INFO)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its lines joined), or its type's name when it has none."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def record_rank_failure(error: BaseException, rank: int, run_dir: Path, failures_dir: Path) -> None:
     """Keep a failing rank's traceback in its log file and its one-line message for the launching process,
     which reports it once for the job (instead of every rank and the agent printing their tracebacks)."""
@@ -26,8 +31,7 @@ def record_rank_failure(error: BaseException, rank: int, run_dir: Path, failures
 
     with (run_dir / f"rank{rank}.log").open("a") as f:
         traceback.print_exception(error, file=f)
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    (failures_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "message": message}))
+    (failures_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "message": one_line(error)}))
 
 
 def reported_failure(failures_dir: Path, run_dir: Path) -> str | None:

@@ -36,6 +36,7 @@ from nsa_dist.data import Batch, build_source, check_token_file
 from nsa_dist.distributed import SINGLE_PROCESS, DistributedContext
 from nsa_dist.engine import DeepSpeedTrainEngine, TrainEngine
 from nsa_dist.eval import run_retrieval_metrics
+from nsa_dist.launch.rank_logging import one_line
 from nsa_dist.loss import shard_batch, token_metrics
 from nsa_dist.models import build_model
 from nsa_dist.parallel import ExchangeLog, Mesh, SequenceParallel, build_mesh
@@ -405,7 +406,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def error_line(error: BaseException) -> str:
     """An exception as the one line the command line prints."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    text = one_line(error)
     cause = error.__cause__
     # Hydra's composition errors keep the reason (e.g. "Key 'foo' not in 'TrainConfig'") in their cause.
     if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
