@@ -123,10 +123,11 @@ class RotaryProjections:
             raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
 
 
-def check_heads(num_heads: int, num_kv_heads: int, head_dim: int):
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int | None = None):
+    """Query heads in whole groups per K/V head; with `head_dim`, one that RoPE can rotate."""
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-    if head_dim <= 0 or head_dim % 2:
+    if head_dim is not None and (head_dim <= 0 or head_dim % 2):
         raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {head_dim}")
 
 
@@ -144,8 +145,7 @@ class SparseAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig):
         super().__init__()
-        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        check_heads(num_heads, num_kv_heads)
         self.config = config.validate()
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.num_branches = 3 if config.window else 2
