@@ -63,8 +63,13 @@ class DamagedCheckpointError(CheckpointError):
     pass
 
 
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    """Whether `key` is one of `patterns`, or its section's `<section>.*` is."""
+    return key in patterns or f"{key.split('.')[0]}.*" in patterns
+
+
 def acceptable_change(key: str) -> bool:
-    return key in ACCEPTABLE_CHANGES or f"{key.split('.')[0]}.*" in ACCEPTABLE_CHANGES
+    return _matches(key, ACCEPTABLE_CHANGES)
 
 
 def rng_state() -> dict:
@@ -268,7 +273,7 @@ def compare_config(saved: dict, current: dict, *, accept: Iterable[str], path: P
     keys = sorted((set(saved_flat) | set(current_flat)) - set(_MESH_KEYS))
     changed = [k for k in keys if saved_flat.get(k, "absent") != current_flat.get(k, "absent")]
     accept = set(accept)
-    refused = [k for k in changed if k not in accept and not (f"{k.split('.')[0]}.*" in accept)]
+    refused = [k for k in changed if not _matches(k, accept)]
     for key in changed:
         if key not in refused:
             log.warning("resuming %s with %s changed (%r -> %r), accepted by trainer.resume_accept", path, key,
