@@ -194,11 +194,7 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                 run_log.scalars("train", {"skipped_steps": nonfinite.skipped}, step)
                 continue
             if step < cfg.steps - 1 and _due(step, cfg.eval_every, cfg.steps):
-                eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp)
-                eval_metrics.update(run_retrieval_metrics(run, engine.module, device=device, sp=sp))
-                job.exchange_log.pop()  # the comm/* scalars count training steps only
-                run_log.scalars("eval", eval_metrics, step)
-                log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
+                eval_metrics = _evaluate_and_log(run, job, run_log, device, step)
             if cfg.checkpoint_every and _due(step, cfg.checkpoint_every, cfg.steps):
                 with timer.phase("checkpoint"):
                     path = checkpoints.save(step + 1)
@@ -208,12 +204,7 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
         # The weights are on disk before the closing evaluation, so nothing it does can lose them.
         checkpoint = _save_final(run_dir / "final.pt", engine, job.source, run, is_main=dist_ctx.is_main)
         if start_step < cfg.steps:
-            eval_metrics = evaluate(engine, job.eval_batch, job.autocast, sp, micro_batch_size=cfg.batch_size,
-                                    device=device)
-            eval_metrics.update(run_retrieval_metrics(run, engine.module, device=device, sp=sp))
-            job.exchange_log.pop()
-            run_log.scalars("eval", eval_metrics, cfg.steps - 1)
-            log.info("step %d: %s", cfg.steps, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
+            eval_metrics = _evaluate_and_log(run, job, run_log, device, cfg.steps - 1)
         if losses:
             run_log.end_hparams({"final_loss": losses[-1], **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                                 cfg.steps - 1)
@@ -229,6 +220,18 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
                        tokens_per_s_per_device=job_tokens_per_s / mesh.world_size, run_dir=run_dir,
                        checkpoint=checkpoint, start_step=start_step, resumed_from=resumed_from,
                        skipped_steps=nonfinite.skipped)
+
+
+def _evaluate_and_log(run: RunConfig, job: _Job, run_log: RunLog, device: torch.device, step: int) -> dict[str, float]:
+    """The eval metrics after `step`, in training-sized chunks (evaluation fits wherever training fits)."""
+    sp = job.mesh.sequence_parallel
+    eval_metrics = evaluate(job.engine, job.eval_batch, job.autocast, sp, micro_batch_size=run.trainer.batch_size,
+                            device=device)
+    eval_metrics.update(run_retrieval_metrics(run, job.engine.module, device=device, sp=sp))
+    job.exchange_log.pop()  # the comm/* scalars count training steps only
+    run_log.scalars("eval", eval_metrics, step)
+    log.info("step %d: %s", step + 1, ", ".join(f"eval/{k} {v:.3f}" for k, v in eval_metrics.items()))
+    return eval_metrics
 
 
 def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, device: torch.device, autocast,

@@ -96,3 +96,20 @@ def test_a_run_that_stops_midway_still_carries_its_hparams(compose_config, tmp_p
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["trainer.lr"].number_value == 1e9
     assert start.session_start_info.hparams["parallel.sp"].number_value == 1
+
+
+def test_every_evaluation_runs_in_training_sized_chunks(compose_config, tmp_path, monkeypatch):
+    """Mid-run and closing evaluations alike: an eval batch larger than a training batch is never one forward."""
+    import nsa_dist.train as train_module
+
+    calls = []
+    real_evaluate = train_module.evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        calls.append((kwargs.get("micro_batch_size"), str(kwargs.get("device"))))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", recording_evaluate)
+    cfg = compose_config(*FAST, "trainer.steps=4", "trainer.eval_every=2", "model.num_layers=1")
+    main(cfg, run_dir=tmp_path)
+    assert calls == [(2, "cpu"), (2, "cpu")]
