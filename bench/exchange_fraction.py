@@ -2,7 +2,7 @@
 
 Runs an NSATransformer on one device over a sequence of N tokens — the weights and the data task of
 a training run's `final.pt`, or random weights and random tokens without one — records each layer's
-top-n block ids (nsa_dist.selection_stats: recomputed from the layer's own projections and φ with
+top-n block ids (nsa_dist.analysis.selection_stats: recomputed from the layer's own projections and φ with
 the public ops, by a forward pre-hook; the layer is not changed), and for every rank of a zigzag
 split over P ranks reports the fraction of its queries' selections that are remote, the bytes it would fetch
 (the union of remote blocks, with their ids) against the all-gather of all K/V, and which way the
@@ -27,17 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # project.py beside th
 
 from project import exchange_bytes, parse_sizes, remote_blocks, split_problem, Shape  # noqa: E402
 
-from nsa_dist.data import DataConfig, build_source  # noqa: E402
-from nsa_dist.layer import NSAConfig  # noqa: E402
-from nsa_dist.model import ModelConfig, NSATransformer  # noqa: E402
+from nsa_dist.data.sources import DataConfig, build_source  # noqa: E402
+from nsa_dist.analysis.selection_stats import selected_blocks_per_layer  # noqa: E402
+from nsa_dist.nn.layer import NSAConfig  # noqa: E402
 from nsa_dist.parallel.sharding import chunk_owner, rank_chunks  # noqa: E402
-from nsa_dist.selection_stats import selected_blocks_per_layer  # noqa: E402
-
-
-def _known(cls, values: dict) -> dict:
-    """The entries of `values` that `cls` (a dataclass) takes: configs written by other versions load."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
+from nsa_dist.training.checkpoint import load_final_model, model_from_config  # noqa: E402
 
 
 def conf_groups(model_conf: str, nsa_conf: str) -> tuple[dict, dict]:
@@ -50,19 +44,14 @@ def conf_groups(model_conf: str, nsa_conf: str) -> tuple[dict, dict]:
 
 
 def load_model(checkpoint: Path | None, model_conf: str, nsa_conf: str, seed: int):
-    """The model and the run config it was trained with (None for random weights)."""
+    """The model and the run config it was trained with (None for random weights), on the reference
+    backend: the selections are read on the CPU."""
     if checkpoint is None:
         torch.manual_seed(seed)
         model_values, nsa_values = conf_groups(model_conf, nsa_conf)
-        model_cfg = ModelConfig(**_known(ModelConfig, model_values))
-        nsa_cfg = NSAConfig(**_known(NSAConfig, {**nsa_values, "backend": "torch"}))
-        return NSATransformer(model_cfg, nsa_cfg).eval(), None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = state["config"]
-    model = NSATransformer(ModelConfig(**_known(ModelConfig, config["model"])),
-                           NSAConfig(**_known(NSAConfig, config["nsa"])))
-    model.load_state_dict(state["model"])
-    return model.eval(), config
+        return model_from_config({"model": model_values, "nsa": nsa_values}, backend="torch").eval(), None
+    model, config, _ = load_final_model(checkpoint, backend="torch")
+    return model, config
 
 
 def sample_tokens(config: dict | None, vocab_size: int, N: int, batch: int, seed: int) -> torch.Tensor:
@@ -70,7 +59,8 @@ def sample_tokens(config: dict | None, vocab_size: int, N: int, batch: int, seed
     generator = torch.Generator().manual_seed(seed)
     if config is not None:
         try:
-            data = DataConfig(**{**_known(DataConfig, config["data"]), "seq_len": N})
+            known = {f.name for f in fields(DataConfig)}
+            data = DataConfig(**{**{k: v for k, v in config["data"].items() if k in known}, "seq_len": N})
             return build_source(data, vocab_size=vocab_size, generator=generator).sample(batch).inputs
         except (ValueError, FileNotFoundError) as err:
             print(f"random tokens: the training data does not give {N} tokens here ({err})", file=sys.stderr)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig, NSATransformer
-from nsa_dist.tasks import MQARTask, NeedleTask, TokenLayout, answer_accuracy, answer_loss
+from nsa_dist.data.tasks import MQARTask, NeedleTask, TokenLayout, answer_accuracy, answer_loss
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -40,8 +40,8 @@ import torch
 
 from nsa_dist.kernels import (compressed_attention, gated_sum, num_compressed, select_blocks, selection_attention,
                               window_attention)
-from nsa_dist.layer import NSAConfig
-from nsa_dist.parallel.exchange import ID_BYTES
+from nsa_dist.nn.layer import NSAConfig
+from nsa_dist.parallel.exchange import ID_BYTES, all_gather_bytes
 from nsa_dist.parallel.halo import halo_starts
 from nsa_dist.parallel.sharding import chunk_owner, rank_chunks
 
@@ -95,7 +95,7 @@ def split_problem(shape: Shape, P: int, N: int) -> str | None:
 
 
 def attention_work_per_rank(shape: Shape, P: int, N: int) -> np.ndarray:
-    """Forward attention FLOPs of each rank's queries (the count nsa_dist.metrics uses), `[P]`."""
+    """Forward attention FLOPs of each rank's queries (the count nsa_dist.training.metrics uses), `[P]`."""
     t = np.arange(N, dtype=np.int64)
     c = shape.nsa
     visible_cmp = np.maximum(0, (t + 1 - c.block_len) // c.stride + 1)
@@ -157,7 +157,7 @@ def exchange_bytes(wanted: list[dict[int, int]], P: int, chunk_len: int, row_byt
                    select_size: int) -> ExchangeBytes:
     """`wanted[d][s]`: blocks rank d fetches from rank s. Same byte rule as parallel/exchange.py."""
     block_bytes = select_size * row_bytes
-    allgather = 2 * chunk_len * row_bytes * (P - 1)
+    allgather = all_gather_bytes(2 * chunk_len, row_bytes, P)
     counts_bytes = ID_BYTES * P * (P - 1)
     received = [sum(w.values()) * (block_bytes + ID_BYTES) for w in wanted]
     sent = [counts_bytes + ID_BYTES * sum(wanted[r].values()) + block_bytes * sum(w.get(r, 0) for w in wanted)
@@ -260,16 +260,16 @@ def selections(shape: Shape, x: RankInputs, N: int, backend: str) -> list[torch.
         out = []
         for q, start in zip(x.q, x.starts):
             _, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=c.block_len, stride=c.stride,
-                                          q_offset=start, seq_len=N, backend=backend)
+                                          q_offset=start, backend=backend)
             out.append(select_blocks(q, x.k_cmp, lse, block_len=c.block_len, stride=c.stride,
                                      select_size=c.select_size, top_n=c.top_n, num_init=c.num_init,
-                                     num_local=c.num_local, q_offset=start, seq_len=N, backend=backend))
+                                     num_local=c.num_local, q_offset=start, backend=backend))
         return out
 
 
 def rank_forward_backward(shape: Shape, x: RankInputs, N: int, backend: str) -> None:
     c = shape.nsa
-    pos = dict(seq_len=N, backend=backend)
+    pos = dict(backend=backend)
     loss = 0
     for j, (q, start) in enumerate(zip(x.q, x.starts)):
         o_cmp, lse = compressed_attention(q, x.k_cmp, x.v_cmp, block_len=c.block_len, stride=c.stride,

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nsa_dist import NativeSparseAttention
+from nsa_dist import NativeSparseAttention, parallelize
 from nsa_dist.parallel import ExchangeLog, SequenceParallel
 
 
@@ -74,9 +74,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(layer, x, device, warmup, iters, sp=None, log=None) -> float:
-    """Median seconds of one forward + backward of `layer` on `x` (the slowest rank's, with `sp`); with
-    `log`, each call's byte counts go there."""
+def time_step(layer, x, device, warmup, iters, sp=None) -> float:
+    """Median seconds of one forward + backward of `layer` on `x` (the slowest rank's, with `sp`, which the
+    layer was parallelized over)."""
     times = []
     for i in range(warmup + iters):
         x.grad = None
@@ -85,7 +85,7 @@ def time_step(layer, x, device, warmup, iters, sp=None, log=None) -> float:
             dist.barrier(group=sp.group)
         sync(device)
         t0 = time.perf_counter()
-        y = layer(x, sp=sp, log=log)
+        y = layer(x)
         y.backward(torch.ones_like(y))
         sync(device)
         if i >= warmup:
@@ -157,6 +157,7 @@ def main():
 def run_single(layer, n, args, device, dtype) -> dict:
     try:
         x = torch.randn(1, n, args.hidden, device=device, dtype=dtype, requires_grad=True)
+        parallelize(layer, None)  # the whole sequence on this rank
         return dict(seconds=time_step(layer, x, device, args.warmup, args.iters))
     except torch.OutOfMemoryError:
         return dict(seconds=None, error="out of memory")
@@ -170,7 +171,8 @@ def run_sharded(layer, n, sp, args, device, dtype) -> dict:
     log = ExchangeLog()
     try:
         x = torch.randn(1, n // sp.size, args.hidden, device=device, dtype=dtype, generator=gen, requires_grad=True)
-        seconds = time_step(layer, x, device, args.warmup, args.iters, sp, log)
+        parallelize(layer, sp, exchange_log=log)
+        seconds = time_step(layer, x, device, args.warmup, args.iters, sp)
         oom = 0
     except torch.OutOfMemoryError:
         seconds, oom = None, 1

@@ -2,9 +2,9 @@
 
 For each sequence length and each variant: the model is built on the device (`nsa_dist.build_model`,
 seeded alike), AdamW as the trainer builds it, gradient clipping at the trainer's 1.0, bf16 autocast on
-CUDA (fp32 on CPU), optional activation checkpointing (`nsa_dist.parallelize`); `--warmup` untimed
+CUDA (fp32 on CPU), optional activation checkpointing (`nsa_dist.nn.parallelize`); `--warmup` untimed
 then `--steps` timed optimizer steps on random tokens, batch 1. Each row holds the median step time,
-tokens/s, peak memory, model FLOPs per second and utilisation (nsa_dist.metrics; MFU only where the
+tokens/s, peak memory, model FLOPs per second and utilisation (nsa_dist.training.metrics; MFU only where the
 card's peak is known) and tokens/s over the baseline's at the same length.
 
 Variants (`--variants`, comma list):
@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import shlex
 import statistics
@@ -54,13 +55,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nsa_dist import metrics
-from nsa_dist.config import TrainConfig
-from nsa_dist.layer import NSAConfig
-from nsa_dist.model import ModelConfig
-from nsa_dist.models import build_model
-from nsa_dist.parallelize import parallelize
-from nsa_dist.train import build_optimizer
+from nsa_dist.training import metrics
+from nsa_dist.training.config import TrainConfig
+from nsa_dist.nn.layer import NSAConfig
+from nsa_dist.nn.model import ModelConfig
+from nsa_dist.nn.build import build_model
+from nsa_dist.nn.parallelize import parallelize
+from nsa_dist.training.loop import build_optimizer
 
 # variant -> (ModelConfig.kind, ModelConfig.attention, the variant its tokens/s is divided by)
 VARIANTS = {"nsa": ("nsa", "nsa", "dense"), "dense": ("nsa", "dense", "dense"),
@@ -97,12 +98,12 @@ def model_config(args) -> ModelConfig:
     fields = dict(SHAPES[args.preset]) if args.preset in SHAPES else conf_group("model", args.preset)
     fields.update({OVERRIDES[flag]: value for flag, value in vars(args).items()
                    if flag in OVERRIDES and value is not None})
-    return ModelConfig(**fields).validate()
+    return ModelConfig(**fields)
 
 
 def nsa_config(args) -> NSAConfig:
     name = args.nsa or ("tiny" if args.preset == "tiny" else "paper")
-    return NSAConfig(**conf_group("nsa", name)).validate()
+    return NSAConfig(**conf_group("nsa", name))
 
 
 def variant_config(model_cfg: ModelConfig, variant: str) -> ModelConfig:
@@ -116,7 +117,7 @@ def chunked_loss_head(model: nn.Module, chunk: int):
     """Take the LM head out of `model`'s forward (which then returns the final hidden states) and return
     `loss(hidden, targets)`: the mean cross-entropy, `chunk` tokens of logits at a time, each recomputed
     in the backward so that only one chunk's logits exist at once."""
-    owner = getattr(model, "causal_lm", model)  # nsa_dist.models.HFCausalLM wraps the HF model
+    owner = getattr(model, "causal_lm", model)  # nsa_dist.nn.build.HFCausalLM wraps the HF model
     head = owner.lm_head
     owner.lm_head = nn.Identity()
     model.loss_head = head  # still a submodule: the optimizer, clipping and weight tying see its weight
@@ -136,7 +137,11 @@ def full_loss(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def time_variant(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, args, device: torch.device) -> dict:
+PRECISIONS = ("autocast", "bf16")  # fp32 weights under bf16 autocast (most training loops); bf16 weights
+
+
+def time_variant(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, args, device: torch.device,
+                 precision: str = "autocast") -> dict:
     """Build, warm up and time one variant; the measurements of its row."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -144,13 +149,15 @@ def time_variant(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, args, dev
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)  # both variants of a length start from the same weights where they share them
     model = build_model(model_cfg, nsa).to(device)
+    if precision == "bf16" and cuda:
+        model = model.to(torch.bfloat16)
     loss_fn = chunked_loss_head(model, args.loss_chunk) if args.loss_chunk else full_loss
     model = parallelize(model, None, activation_checkpointing=args.checkpointing)
     model.train()
     optimizer = build_optimizer(model, TrainConfig())
     tokens = torch.randint(model_cfg.vocab_size, (1, seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and precision == "autocast")
 
     def step():
         with autocast:
@@ -179,13 +186,15 @@ def time_variant(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, args, dev
                 parameters=sum(p.numel() for p in model.parameters()))
 
 
-def measure(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, variant: str, args, device) -> dict:
+def measure(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, variant: str, args, device,
+            precision: str = "autocast") -> dict:
     """One row; out of GPU memory, its measurements are "oom" and the memory is freed for the next."""
     row = dict(seq_len=seq_len, variant=variant, baseline=VARIANTS[variant][2],
+               precision=precision if device.type == "cuda" else "fp32",
                peak_memory_source=("cuda max_memory_allocated" if device.type == "cuda"
                                    else "cpu process max RSS (cumulative over the run)"))
     try:
-        row.update(time_variant(variant_config(model_cfg, variant), nsa, seq_len, args, device))
+        row.update(time_variant(variant_config(model_cfg, variant), nsa, seq_len, args, device, precision))
     except torch.cuda.OutOfMemoryError as error:
         row.update({key: "oom" for key in ("step_s", "tokens_per_s", "peak_memory_bytes", "model_tflops_per_s",
                                             "mfu")}, oom_message=str(error).splitlines()[0][:200])
@@ -197,10 +206,10 @@ def measure(model_cfg: ModelConfig, nsa: NSAConfig, seq_len: int, variant: str, 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """`ratio`: tokens/s over the baseline's at the same length; None where either has no number."""
-    speed = {(r["seq_len"], r["variant"]): r["tokens_per_s"] for r in rows}
+    """`ratio`: tokens/s over the baseline's at the same length and precision; None where either has no number."""
+    speed = {(r["seq_len"], r.get("precision"), r["variant"]): r["tokens_per_s"] for r in rows}
     for r in rows:
-        mine, base = r["tokens_per_s"], speed.get((r["seq_len"], r["baseline"]))
+        mine, base = r["tokens_per_s"], speed.get((r["seq_len"], r.get("precision"), r["baseline"]))
         numbers = all(isinstance(x, (int, float)) for x in (mine, base))
         r["ratio"] = mine / base if numbers else ("oom" if mine == "oom" else None)
 
@@ -209,13 +218,13 @@ def table(rows: list[dict]) -> str:
     def cell(value, fmt):
         return value if isinstance(value, str) else "-" if value is None else format(value, fmt)
 
-    lines = [f"{'seq_len':>8} {'variant':<8} {'step ms':>10} {'tokens/s':>11} {'peak GiB':>9} "
+    lines = [f"{'seq_len':>8} {'prec':<8} {'variant':<8} {'step ms':>10} {'tokens/s':>11} {'peak GiB':>9} "
              f"{'TFLOP/s':>8} {'MFU':>6} {'x base':>7}"]
     for r in rows:
         step_ms = r["step_s"] * 1e3 if isinstance(r["step_s"], float) else r["step_s"]
         mem = r["peak_memory_bytes"] / 2**30 if isinstance(r["peak_memory_bytes"], int) else r["peak_memory_bytes"]
         mfu = 100 * r["mfu"] if isinstance(r["mfu"], float) else r["mfu"]
-        lines.append(f"{r['seq_len']:>8} {r['variant']:<8} {cell(step_ms, '.1f'):>10} "
+        lines.append(f"{r['seq_len']:>8} {r.get('precision', ''):<8} {r['variant']:<8} {cell(step_ms, '.1f'):>10} "
                      f"{cell(r['tokens_per_s'], '.0f'):>11} {cell(mem, '.2f'):>9} "
                      f"{cell(r['model_tflops_per_s'], '.2f'):>8} {cell(mfu, '.1f'):>6} "
                      f"{cell(r.get('ratio'), '.3f'):>7}")
@@ -259,6 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", default="8k,32k,64k", help="tokens per sequence, e.g. 8k,32k,64k")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compilation, allocator)")
+    p.add_argument("--precision", default="autocast", help=f"comma list from {PRECISIONS}: fp32 weights under bf16 "
+                                                           "autocast, or bf16 weights (CUDA; CPU runs fp32)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder block")
     p.add_argument("--loss-chunk", type=int, default=0, help="LM head and loss this many tokens at a time "
                                                              "(0: all at once, as the trainer)")
@@ -266,9 +277,10 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=None, help="also write <dir>/<YYYY-MM-DD>/train_throughput_<card>.json")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown += [x for x in args.precision.split(",") if x not in PRECISIONS]
     if unknown or args.steps < 1 or args.warmup < 0 or args.loss_chunk < 0:
-        p.error(f"need variants from {tuple(VARIANTS)} (got {unknown or args.variants}), --steps >= 1, "
-                "--warmup >= 0, --loss-chunk >= 0")
+        p.error(f"need variants from {tuple(VARIANTS)} and precisions from {PRECISIONS} (got {unknown}), "
+                "--steps >= 1, --warmup >= 0, --loss-chunk >= 0")
     return args
 
 
@@ -278,16 +290,17 @@ def main(argv=None) -> dict:
     model_cfg, nsa = model_config(args), nsa_config(args)
     variants = args.variants.split(",")
     report = dict(card=card_name(device), versions=versions(), command=shlex.join(["python", *sys.argv]),
-                  dtype="bfloat16 autocast" if device.type == "cuda" else "float32", batch_size=1,
+                  dtype="bfloat16 (see each row's precision)" if device.type == "cuda" else "float32", batch_size=1,
                   steps=args.steps, warmup=args.warmup, checkpointing=args.checkpointing, loss_chunk=args.loss_chunk,
                   peak_flops_per_device=metrics.peak_flops_per_device(device, None),
                   # kind and attention are each row's variant's (VARIANTS), not the preset's
                   model={k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("kind", "attention")},
                   nsa=dataclasses.asdict(nsa), rows=[])
     print(f"{report['card']}: {args.preset} shape, nsa={nsa}, {report['dtype']}", flush=True)
+    precisions = args.precision.split(",") if device.type == "cuda" else ["fp32"]
     for seq_len in parse_lengths(args.seq_lens):
-        for variant in variants:
-            report["rows"].append(measure(model_cfg, nsa, seq_len, variant, args, device))
+        for precision, variant in itertools.product(precisions, variants):
+            report["rows"].append(measure(model_cfg, nsa, seq_len, variant, args, device, precision))
             add_ratios(report["rows"])
             print(table(report["rows"][-1:]).splitlines()[-1], flush=True)
             write_report(report, args)  # after every row: a crash later keeps what was measured

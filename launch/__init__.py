@@ -10,7 +10,7 @@ rank the `launcher` section asks for, and rank 0's result:
 - `launcher=ray`: Ray actors in a placement group (nsa_dist.launch.ray_actors).
 
 Nothing here trains or joins a process group: each rank's `entry` does that from the environment
-(nsa_dist.distributed.init_process_group). The shell scripts beside this package (torchrun.sh,
+(nsa_dist.training.distributed.init_process_group). The shell scripts beside this package (torchrun.sh,
 slurm.sbatch, ray.sh) only set that environment and run `python -m nsa_dist.train`.
 """
 from __future__ import annotations

@@ -33,6 +33,9 @@ class LauncherConfig:
     connect_timeout_s: float = 5.0
     loopback: bool = True
 
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
+
     def validate(self) -> "LauncherConfig":
         if self.kind not in KINDS:
             raise ValueError(f"unknown launcher.kind={self.kind!r}: choose launcher=local|torchrun|ray|slurm")

@@ -41,7 +41,6 @@ class LaunchCheck(Callback):
             launcher = OmegaConf.to_object(config.launcher)
             if not isinstance(launcher, LauncherConfig):
                 launcher = LauncherConfig(**launcher)
-            launcher.validate()
             if launcher.loopback:
                 # Ray otherwise advertises this node by its default-route address; the launcher's
                 # ray.init runs in this process, after this callback.

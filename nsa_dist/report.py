@@ -112,8 +112,8 @@ def load_run(path: Path, root_names: list[Path]) -> Run:
     import nsa_dist.config  # noqa: F401 - registers ${mul:...}, which a weak-scaling data.seq_len is written with
 
     cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
-    P = int(OmegaConf.select(cfg, "parallel.sp", default=None) or 1)
-    world = P * int(OmegaConf.select(cfg, "parallel.dp", default=None) or 1)
+    P = int(OmegaConf.select(cfg, "parallel.sp_size", default=None) or 1)
+    world = P * int(OmegaConf.select(cfg, "parallel.dp_size", default=None) or 1)
     dist_file = path / "distributed.json"
     if dist_file.is_file():
         world = int(json.loads(dist_file.read_text()).get("world_size", world))

@@ -7,7 +7,7 @@ zigzag shard of it (P = 1 is the degenerate shard: one chunk, no halo, nothing t
 
 The halo, the compressed all-gather and the selected-block exchange are the three collectives; each is
 the identity without `sp`. The math stays in the ops of nsa_dist.kernels; each call says where its
-chunk sits (`q_offset`, `k_offset`, global `seq_len` and `cu_seqlens`).
+chunk sits (`q_offset`, `k_offset` and the global `cu_seqlens`).
 """
 from __future__ import annotations
 
@@ -111,24 +111,24 @@ def _check_inputs(sp: SequenceParallel | None, local_len: int, config, cu_seqlen
 
 def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceParallel | None = None,
                 cu_seqlens: torch.Tensor | None = None, plans: PlanCache | None = None,
-                log: ExchangeLog | None = None):
+                exchange_log: ExchangeLog | None = None):
     """`o [B, T, HQ, Dv]` for the rank's tokens: the whole sequence without `sp`, its zigzag shard with it.
 
     q `[B, T, HQ, D]`, projected and rotated; `k`, `v` `[B, T, H, D]` serve every branch, or come as
     three of each (compression, selection, window); `gates` `(g_cmp, g_slc[, g_win])` `[B, T, HQ]`,
     after their sigmoid; `compress_k/v` map key/value blocks `[B, n, l, H, D]` to compressed tokens
     `[B, n, H, D]`; `config` an NSAConfig; `cu_seqlens` global. `plans` keeps the index plans that
-    depend only on shapes across calls (none kept when None). With `sp` and `log`, the call's byte
-    counts are recorded into `log` as one ExchangeStats; with a timed `log`, so are the seconds of
+    depend only on shapes across calls (none kept when None). With `sp` and `exchange_log`, the call's
+    byte counts are recorded into it as one ExchangeStats; with a timed log, so are the seconds of
     each collective, forward and backward.
     """
     c = config
     plans = PlanCache() if plans is None else plans
     cu = _check_inputs(sp, q.shape[1], c, cu_seqlens)
-    seconds, timers = stopwatches(COLLECTIVES, q.device, timed=sp is not None and log is not None and log.timed)
+    seconds, timers = stopwatches(COLLECTIVES, q.device, timed=sp is not None and exchange_log is not None and exchange_log.timed)
     chunks = local_chunks(q.shape[1], sp)
     (k_cmp_src, v_cmp_src), (k_slc, v_slc), (k_win, v_win) = branch_kv(k, v)
-    pos = dict(scale=None, cu_seqlens=cu_seqlens, seq_len=chunks.seq_len, backend=c.backend)
+    pos = dict(scale=None, cu_seqlens=cu_seqlens, backend=c.backend)
 
     # Packed documents start anywhere, so a compression block ending in a chunk may start l-1 keys before it.
     cmp_halo = c.block_len - 1 if cu is not None else c.block_len - c.stride
@@ -167,9 +167,9 @@ def nsa_forward(q, k, v, gates, *, compress_k, compress_v, config, sp: SequenceP
             k_w, v_w = (parts[0], parts[1]) if shared else (parts[2], parts[3])
             branches.append(window_attention(qj, k_w, v_w, window=c.window, q_offset=start, k_offset=lo, **pos))
         outs.append(gated_sum(branches, [g[:, rows] for g in gates[:len(branches)]], backend=c.backend))
-    if sp is not None and log is not None:
+    if sp is not None and exchange_log is not None:
         gathered = xplan.fall_back or sp.exchange == "all_gather"
-        log.record(ExchangeStats(mode="all_gather" if gathered else sp.exchange, fell_back=xplan.fall_back,
+        exchange_log.record(ExchangeStats(mode="all_gather" if gathered else sp.exchange, fell_back=xplan.fall_back,
                                  exchange_bytes=xplan.exchange_bytes, halo_bytes=halo_bytes,
                                  compressed_bytes=cmp_bytes, allgather_bytes=xplan.allgather_bytes,
                                  blocks_fetched=0 if gathered else int(xplan.remote.numel()), seconds=seconds))

@@ -19,7 +19,7 @@ from nsa_dist.kernels import token_layout
 from .collectives import all_gather_ints, all_to_all, ring_all_to_all
 from .mesh import SequenceParallel
 from .sharding import chunk_owner, global_positions, global_positions_of, local_index, rank_chunks
-from .state import UNTIMED, PlanCache
+from .state import UNTIMED, ExchangeLog, PlanCache
 
 ID_BYTES = 8
 # What `ExchangeStats.seconds` is keyed by: the halo, the compressed all-gather, and the selected K/V's
@@ -111,7 +111,7 @@ def plan_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequence
     C = T2 // 2
     row_bytes = kv[:, :1].numel() * kv.element_size()
     block_bytes = select_size * row_bytes
-    allgather_bytes = T2 * row_bytes * (P - 1)
+    allgather_bytes = all_gather_bytes(T2, row_bytes, P)
     num_grid = T2 * P // select_size
     needed = torch.zeros(num_grid + 1, dtype=torch.bool, device=kv.device)  # the last slot takes the -1 entries
     for ids, chunk in zip(idx, rank_chunks(r, P)):
@@ -176,8 +176,7 @@ def exchange_selected_blocks(kv: torch.Tensor, idx: list[torch.Tensor], sp: Sequ
     T2 = kv.shape[1]
     hi = (2 * P - r) * (T2 // 2)
     if sp.exchange == "all_gather":
-        row_bytes = kv[:, :1].numel() * kv.element_size()
-        ag = T2 * row_bytes * (P - 1)
+        ag = all_gather_bytes(T2, kv[:, :1].numel() * kv.element_size(), P)
         plan = SelectedBlocksPlan(remote=kv.new_zeros(0, dtype=torch.int64), counts=[], fall_back=False,
                                   exchange_bytes=ag, allgather_bytes=ag)
     else:
@@ -304,6 +303,27 @@ def _post_send_recv(x, recv_rows, dst, src, sp):
     if recv_rows:
         ops.append(dist.P2POp(dist.irecv, got, sp.global_rank(src), sp.group))
     return got, (dist.batch_isend_irecv(ops) if ops else [])
+
+
+def all_gather_bytes(local_len: int, row_bytes: int, size: int) -> int:
+    """What each rank sends (and receives) when every rank gathers all K/V: its `local_len` rows of
+    `row_bytes` to each of the `size - 1` others. The baseline every exchange is measured against."""
+    return local_len * row_bytes * (size - 1)
+
+
+def gather_sequence_kv(k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None = None,
+                       exchange_log: ExchangeLog | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain context-parallel scheme (dense attention's): every rank's `k`, `v` `[B, 2C, H, D]` gathered
+    into the whole sequence's `[B, N, H, D]`, in global order; the bytes go into `exchange_log` as an
+    all-gather. Differentiable: each rank's gradients return to the tokens' owners and are summed there."""
+    kv = torch.cat([k, v], -1)  # (B, 2C, H, Dk + Dv)
+    full = all_gather_kv(kv, sp, plans)
+    if exchange_log is not None:
+        sent = all_gather_bytes(kv.shape[1], kv[:, :1].numel() * kv.element_size(), sp.size)
+        exchange_log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
+                                          compressed_bytes=0, allgather_bytes=sent, blocks_fetched=0))
+    k_full, v_full = full.split([k.shape[-1], v.shape[-1]], -1)
+    return k_full, v_full
 
 
 def all_gather_kv(kv: torch.Tensor, sp: SequenceParallel, plans: PlanCache | None, timer=UNTIMED) -> torch.Tensor:

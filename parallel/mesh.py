@@ -61,6 +61,9 @@ class SequenceParallel:
         if self.validate:
             self._check_same_group_everywhere()
 
+    def __deepcopy__(self, memo):
+        return self  # immutable, and its process group cannot be copied: a copied model shares the handle
+
     @property
     def global_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
@@ -91,66 +94,68 @@ class SequenceParallel:
 class ParallelConfig:
     """The `parallel` config section: degrees and how selected K/V blocks travel."""
 
-    dp: int | None = None  # None: world size / sp
-    sp: int = 1
+    dp_size: int | None = None  # None: world size / sp_size
+    sp_size: int = 1
     exchange: str = "all_to_all"  # all_to_all | ring | all_gather (the plain context-parallel baseline)
     fallback: bool = True  # per step, use the all-gather when the exchange would move more bytes
     check_inputs: bool = True  # a small all-gather per layer call that catches mismatched shards
     # wall time of each collective into the ExchangeLog (comm/*_s); a device sync around each one
     time_collectives: bool = False
 
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
+
     def validate(self) -> "ParallelConfig":
-        if self.sp < 1:
-            raise ValueError(f"parallel.sp must be at least 1, got {self.sp}")
-        if self.dp is not None and self.dp < 1:
-            raise ValueError(f"parallel.dp must be at least 1 (or null: world size / parallel.sp), got {self.dp}")
+        if self.sp_size < 1:
+            raise ValueError(f"parallel.sp_size must be at least 1, got {self.sp_size}")
+        if self.dp_size is not None and self.dp_size < 1:
+            raise ValueError(f"parallel.dp_size must be at least 1 (or null: world size / parallel.sp_size), got {self.dp_size}")
         if self.exchange not in EXCHANGES:
             raise ValueError(f"unknown parallel.exchange={self.exchange!r}: choose one of {EXCHANGES}")
         return self
 
     def degrees(self, world_size: int) -> tuple[int, int]:
         """`(dp, sp)` for a job of `world_size` ranks; raises ValueError naming the fix if they do not fit."""
-        dp = self.dp if self.dp is not None else world_size // self.sp
-        if dp * self.sp != world_size or dp < 1:
-            given = f"parallel.dp={self.dp} x " if self.dp is not None else ""
+        dp = self.dp_size if self.dp_size is not None else world_size // self.sp_size
+        if dp * self.sp_size != world_size or dp < 1:
+            given = f"parallel.dp_size={self.dp_size} x " if self.dp_size is not None else ""
             fits = [s for s in range(1, world_size + 1) if world_size % s == 0]
-            raise ValueError(f"{given}parallel.sp={self.sp} does not fit a job of {world_size} rank(s): dp x sp must "
-                             f"equal the world size; use parallel.sp in {fits} with parallel.dp=null "
+            raise ValueError(f"{given}parallel.sp_size={self.sp_size} does not fit a job of {world_size} rank(s): dp x sp must "
+                             f"equal the world size; use parallel.sp_size in {fits} with parallel.dp_size=null "
                              f"(or dp = {world_size} / sp), or launch dp x sp ranks")
-        return dp, self.sp
+        return dp, self.sp_size
 
 
 @dataclass(frozen=True)
 class Mesh:
-    dp: int
-    sp: int
+    dp_size: int
+    sp_size: int
     dp_rank: int = 0
     sp_rank: int = 0
-    dp_group: Any = None  # a ProcessGroup over the ranks holding the same sequence shard; None when dp = 1
-    sp_group: Any = None  # a ProcessGroup over the ranks of one replica; None when sp = 1
+    # ProcessGroups; None is torch's default group, the whole world (one rank in SINGLE_RANK_MESH)
+    dp_group: Any = None  # over the ranks holding the same sequence shard
+    sp_group: Any = None  # over the ranks of one replica
     sequence_parallel: SequenceParallel | None = None
     device_mesh: Any = None  # the torch DeviceMesh ("dp", "sp") it was built from; None on one rank
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.sp
+        return self.dp_size * self.sp_size
 
     @property
     def rank(self) -> int:
-        return self.dp_rank * self.sp + self.sp_rank
+        return self.dp_rank * self.sp_size + self.sp_rank
 
     @property
     def grad_group(self):
-        """The group over which parameter gradients are averaged; None on one rank.
-
-        All dp x sp ranks, not only the dp group: the sp ranks of one replica each backpropagate their
-        own tokens through the same weights, so each holds a partial gradient of every parameter.
-        """
-        # The mesh spans the whole world (dp x sp = world size), so its ranks are the default group.
-        return None if self.world_size == 1 else dist.group.WORLD
+        """The group over which parameter gradients are averaged: all dp x sp ranks, not only the dp group
+        (the sp ranks of one replica each backpropagate their own tokens through the same weights, so
+        each holds a partial gradient of every parameter). The mesh spans the whole world, so this is
+        None, the default group."""
+        return None
 
 
-SINGLE_RANK_MESH = Mesh(dp=1, sp=1)
+SINGLE_RANK_MESH = Mesh(dp_size=1, sp_size=1)
 
 
 def build_mesh(cfg: ParallelConfig, *, device_type: str = "cpu") -> Mesh:
@@ -159,16 +164,15 @@ def build_mesh(cfg: ParallelConfig, *, device_type: str = "cpu") -> Mesh:
     every rank calls it, in the same order."""
     initialised = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialised else 1
-    dp, sp = cfg.validate().degrees(world_size)
+    dp, sp = cfg.degrees(world_size)
     if world_size == 1:
         return SINGLE_RANK_MESH
     device_mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
     dp_rank, sp_rank = device_mesh.get_local_rank("dp"), device_mesh.get_local_rank("sp")
-    dp_group = device_mesh.get_group("dp") if dp > 1 else None
-    sp_group = device_mesh.get_group("sp") if sp > 1 else None
+    dp_group, sp_group = device_mesh.get_group("dp"), device_mesh.get_group("sp")
     sequence_parallel = None
     if sp > 1:
         sequence_parallel = SequenceParallel(group=sp_group, exchange=cfg.exchange, fallback=cfg.fallback,
                                              check_inputs=cfg.check_inputs)
-    return Mesh(dp=dp, sp=sp, dp_rank=dp_rank, sp_rank=sp_rank, dp_group=dp_group, sp_group=sp_group,
+    return Mesh(dp_size=dp, sp_size=sp, dp_rank=dp_rank, sp_rank=sp_rank, dp_group=dp_group, sp_group=sp_group,
                 sequence_parallel=sequence_parallel, device_mesh=device_mesh)

@@ -6,6 +6,8 @@ position of every local token follows from `sp` and the local length alone.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .collectives import all_to_all
@@ -68,6 +70,21 @@ def document_positions(sp: SequenceParallel | None, local_len: int, cu_seqlens: 
     return g - cu[(torch.searchsorted(cu, g, right=True) - 1).clamp(0, cu.numel() - 2)]
 
 
+def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document boundaries `[0, ..., T]` (int32) of HF-style packed `position_ids` `[1, T]` that restart
+    at 0 at each document; None when they hold one document per row."""
+    ids = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+    starts = (ids == 0).sum(-1)
+    if bool(starts.le(1).all()):
+        return None
+    if ids.shape[0] != 1:
+        raise ValueError(f"position_ids restart inside a row of a batch of {ids.shape[0]}: NSA packs documents "
+                         "into one row; concatenate them into a batch of 1")
+    first = torch.nonzero(ids[0] == 0).flatten()
+    end = torch.tensor([ids.shape[1]], device=ids.device)
+    return torch.cat([first, end]).to(torch.int32)
+
+
 def shard(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:
     """The rank's zigzag shard of the full tensor `x` (the same on every rank), along `dim`.
 
@@ -98,13 +115,19 @@ class _Unshard(torch.autograd.Function):
         moved = x.movedim(dim, 0)  # (2C, ...)
         got = all_to_all(moved.repeat(sp.size, *([1] * (moved.dim() - 1))), [local] * sp.size, [local] * sp.size,
                          sp)  # (P * 2C, ...), grouped by source rank
-        order = torch.cat([global_positions_of(r, sp.size, local) for r in range(sp.size)]).to(x.device)
-        full = torch.empty_like(got).index_copy_(0, order, got)
+        full = torch.empty_like(got).index_copy_(0, _gathered_positions(sp.size, local).to(x.device), got)
         return full.movedim(0, dim).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
         return shard(grad, ctx.sp, ctx.dim), None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _gathered_positions(size: int, local_len: int) -> torch.Tensor:
+    """The global position of each row of every rank's shard, rank by rank (what an all-to-all of the
+    shards returns): built once per shape, not on every call."""
+    return torch.cat([global_positions_of(r, size, local_len) for r in range(size)])
 
 
 def global_positions_of(rank: int, size: int, local_len: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_dist.checkpoint import CheckpointDir, load_trainer_state
+from nsa_dist.training.checkpoint import CheckpointDir, load_trainer_state
 
 
 def write_model(model):
@@ -87,10 +87,10 @@ class _Source:
 
 
 def test_trainer_checkpoints_restore_each_part_once_and_refuse_another_mesh(tmp_path, monkeypatch):
-    from nsa_dist.checkpoint import TrainerCheckpoints
+    from nsa_dist.training.checkpoint import TrainerCheckpoints
     from nsa_dist.parallel import Mesh
 
-    mesh = Mesh(dp=1, sp=1)
+    mesh = Mesh(dp_size=1, sp_size=1)
     torch.manual_seed(1)
     TrainerCheckpoints(tmp_path, 2, engine=_Engine(3), source=_Source(7), mesh=mesh).save(5)
     expected = torch.rand(2)
@@ -111,13 +111,13 @@ def test_trainer_checkpoints_restore_each_part_once_and_refuse_another_mesh(tmp_
     assert all(kw.get("weights_only") for _, kw in loads)
     assert torch.equal(torch.rand(2), expected)
 
-    with pytest.raises(ValueError, match=r"dp x sp = \[1, 1\] mesh, this job has \[2, 1\].*parallel\.dp"):
-        TrainerCheckpoints(tmp_path, 2, engine=_Engine(0), source=_Source(0), mesh=Mesh(dp=2, sp=1)).restore(path)
+    with pytest.raises(ValueError, match=r"dp x sp = \[1, 1\] mesh, this job has \[2, 1\].*parallel\.dp_size"):
+        TrainerCheckpoints(tmp_path, 2, engine=_Engine(0), source=_Source(0), mesh=Mesh(dp_size=2, sp_size=1)).restore(path)
     assert TrainerCheckpoints(tmp_path, 2, engine=engine, source=source, mesh=mesh).resume("never") == (0, None)
 
 
 def test_rng_states_are_plain_tensors_that_weights_only_loads(tmp_path):
-    from nsa_dist.checkpoint import rng_state, set_rng_state
+    from nsa_dist.training.checkpoint import rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
@@ -127,7 +127,7 @@ def test_rng_states_are_plain_tensors_that_weights_only_loads(tmp_path):
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):
-    from nsa_dist.checkpoint import CheckpointError, TrainerCheckpoints
+    from nsa_dist.training.checkpoint import CheckpointError, TrainerCheckpoints
     from nsa_dist.parallel import Mesh
 
     class _NanEngine(_Engine):
@@ -135,8 +135,8 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 
     with torch.no_grad():
         _NanEngine.module.weight[0, 0] = float("nan")
-    keeper = TrainerCheckpoints(tmp_path, 1, engine=_Engine(1), source=_Source(0), mesh=Mesh(dp=1, sp=1))
+    keeper = TrainerCheckpoints(tmp_path, 1, engine=_Engine(1), source=_Source(0), mesh=Mesh(dp_size=1, sp_size=1))
     keeper.save(2)
     with pytest.raises(CheckpointError, match="weight holds non-finite"):
-        TrainerCheckpoints(tmp_path, 1, engine=_NanEngine(0), source=_Source(0), mesh=Mesh(dp=1, sp=1)).save(4)
+        TrainerCheckpoints(tmp_path, 1, engine=_NanEngine(0), source=_Source(0), mesh=Mesh(dp_size=1, sp_size=1)).save(4)
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000002"]

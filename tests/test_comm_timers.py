@@ -9,8 +9,8 @@ import pytest
 import torch
 from multirank import run_ranks
 
-from nsa_dist import NativeSparseAttention
-from nsa_dist.metrics import exchange_totals
+from nsa_dist import NativeSparseAttention, parallelize
+from nsa_dist.training.metrics import exchange_totals
 from nsa_dist.parallel import COLLECTIVES, ExchangeLog, ExchangeStats, ParallelConfig, SequenceParallel, shard
 from nsa_dist.parallel.state import UNTIMED, Stopwatch, stopwatches
 
@@ -28,7 +28,8 @@ def run_layer(sp, exchange, fallback, top_n, timed):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(1, 64 * sp.size, 32, generator=g) * 3.0).requires_grad_()
     log = ExchangeLog(timed=timed)
-    y = layer(shard(x, sp), sp=sp, log=log)
+    parallelize(layer, sp, exchange_log=log)
+    y = layer(shard(x, sp))
     (stats,) = log.pop()
     after_forward = dict(stats.seconds)
     y.square().sum().backward()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_dist.data import DataConfig, PasskeyTask, WindowSampler, build_source, load_token_file
+from nsa_dist.data.sources import DataConfig, PasskeyTask, WindowSampler, build_source, load_token_file
 
 
 def source(cfg, seed=0, vocab_size=256):

@@ -1,4 +1,4 @@
-"""nsa_dist.eval and nsa_dist.selection_stats: a real trainer run, the CLI's files, and each statistic
+"""nsa_dist.eval and nsa_dist.analysis.selection_stats: a real trainer run, the CLI's files, and each statistic
 against a count made here."""
 import json
 import math
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig, NSATransformer
-from nsa_dist.data import DataConfig
-from nsa_dist.eval import retrieval_metrics
-from nsa_dist.selection_stats import (LayerSelection, SelectionRecorder, distinct_free_blocks, forced_block_mask,
+from nsa_dist.data.sources import DataConfig
+from nsa_dist.analysis.retrieval import retrieval_metrics
+from nsa_dist.analysis.selection_stats import (LayerSelection, SelectionRecorder, distinct_free_blocks, forced_block_mask,
                                       gate_means, mean_forced_mass, needle_hits)
-from nsa_dist.tasks import NeedleTask, TokenLayout
+from nsa_dist.data.tasks import NeedleTask, TokenLayout
 
 SELECT = 32  # conf/nsa/tiny: l=16, d=8, l'=32, n=4 (1 initial + 2 local + 1 chosen), w=64
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -178,7 +178,7 @@ def test_forced_mass_is_one_while_every_visible_block_is_forced():
 def test_gate_means_are_the_sigmoid_of_the_gate():
     model = tiny_model()
     bias = torch.tensor([-1.0, 0.5, 2.0])
-    for layer in (m.attn for m in model.layers):
+    for layer in (m.attn.nsa for m in model.layers):
         torch.nn.init.zeros_(layer.gate.weight)
         layer.gate.bias.data = bias.repeat_interleave(layer.num_heads)  # (branch, head) order
     with SelectionRecorder(model) as recorder, torch.no_grad():
@@ -193,8 +193,8 @@ def test_gate_means_are_the_sigmoid_of_the_gate():
 @pytest.mark.parametrize("kind", ["needle", "mqar"])
 def test_retrieval_configs_compose_and_build_their_task(compose_config, kind):
     from nsa_dist.config import run_config
-    from nsa_dist.data import build_source
-    from nsa_dist.tasks import MQARTask
+    from nsa_dist.data.sources import build_source
+    from nsa_dist.data.tasks import MQARTask
 
     run = run_config(compose_config(f"data={kind}"))
     assert run.data.kind == kind and run.data.loss_on == "answers"
@@ -224,7 +224,7 @@ def test_bad_retrieval_settings_name_the_key(compose_config, tmp_path, overrides
 
 
 def test_a_vocabulary_too_small_for_the_ranges_is_refused():
-    from nsa_dist.data import build_source
+    from nsa_dist.data.sources import build_source
 
     with pytest.raises(ValueError, match=r"data=needle: .*exceeds vocab_size=128.*model\.vocab_size"):
         build_source(DataConfig(kind="needle"), vocab_size=128, generator=torch.Generator())

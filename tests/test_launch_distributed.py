@@ -1,4 +1,4 @@
-"""nsa_dist.distributed on 2 gloo ranks over 127.0.0.1, as a launcher leaves the environment."""
+"""nsa_dist.training.distributed on 2 gloo ranks over 127.0.0.1, as a launcher leaves the environment."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from multirank import run_ranks
 
-from nsa_dist import distributed
+from nsa_dist.training import distributed
 from nsa_dist.launch import LauncherConfig, started_by
 
 
@@ -30,7 +30,7 @@ def _join_and_collect(rank: int, world_size: int, run_dir: str) -> dict:
     return {"ctx": (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main, ctx.started_by), "broadcast": broadcast,
             "grad": model.weight.grad.unique().tolist(), "bias_grad": model.bias.grad,
             "mean": distributed.mean_across_ranks(torch.tensor(float(rank)), dist.group.WORLD),
-            "alone": distributed.mean_across_ranks(torch.tensor(float(rank)), None)}
+            "world": distributed.mean_across_ranks(torch.tensor(float(rank)), None)}
 
 
 def test_two_gloo_ranks_broadcast_average_and_record(tmp_path):
@@ -38,7 +38,7 @@ def test_two_gloo_ranks_broadcast_average_and_record(tmp_path):
     for rank, got in enumerate(results):
         assert got["ctx"] == (rank, 2, "gloo", rank == 0, "torchrun")
         assert got["broadcast"] and got["grad"] == [1.5] and got["bias_grad"] is None
-        assert got["mean"] == pytest.approx(0.5) and got["alone"] == rank
+        assert got["mean"] == pytest.approx(0.5) and got["world"] == pytest.approx(0.5)  # None: the world, as in torch
     record = json.loads((tmp_path / "distributed.json").read_text())
     assert record["world_size"] == 2 and record["backend"] == "gloo"
     assert [r["rank"] for r in record["ranks"]] == [0, 1]

@@ -105,10 +105,11 @@ def test_layer_runs_under_bf16_autocast(compression):
 def plain_causal_gqa(layer, x, positions):
     """Dense causal attention written out: rotary pairs as complex numbers, keys repeated per group."""
     B, T, _ = x.shape
-    H, HQ, D = layer.num_kv_heads, layer.num_heads, layer.head_dim
-    q = (x @ layer.q_proj.weight.T).view(B, T, HQ, D)
-    k, v = (x @ layer.kv_proj.weight.T).view(B, T, 2, H, D).unbind(2)
-    freqs = layer.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    proj = layer.proj
+    H, HQ, D = proj.num_kv_heads, proj.num_heads, proj.head_dim
+    q = (x @ proj.q_proj.weight.T).view(B, T, HQ, D)
+    k, v = (x @ proj.kv_proj.weight.T).view(B, T, 2, H, D).unbind(2)
+    freqs = proj.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), positions[:, None].double() * freqs)  # (T, D/2)
 
     def rotate(t):
@@ -120,7 +121,7 @@ def plain_causal_gqa(layer, x, positions):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
-    return o.reshape(B, T, HQ * D) @ layer.o_proj.weight.T
+    return o.reshape(B, T, HQ * D) @ proj.o_proj.weight.T
 
 
 @pytest.mark.parametrize("G", [1, 3])
@@ -132,8 +133,9 @@ def test_dense_attention_is_plain_causal_gqa_with_the_nsa_layers_projections(G):
     assert (dense(x) - expected).norm() / expected.norm() < 1e-5
     nsa_names = {n for n, _ in layer(G).named_parameters()}
     dense_names = {n for n, _ in dense.named_parameters()}
-    assert dense_names == {"q_proj.weight", "kv_proj.weight", "o_proj.weight"}
-    assert all(n.startswith(("gate.", "compress_")) for n in nsa_names - dense_names)
+    assert dense_names == {"proj.q_proj.weight", "proj.kv_proj.weight", "proj.o_proj.weight"}
+    assert dense_names < nsa_names
+    assert all(n.startswith(("nsa.gate.", "nsa.compress_")) for n in nsa_names - dense_names)
 
 
 def test_dense_packed_documents_equal_separate_runs():
@@ -151,7 +153,7 @@ def test_dense_model_has_the_nsa_models_parameters_less_phi_and_gates():
     sparse = NSATransformer(ModelConfig(**shape), NSAConfig(**TINY))
     dense_names, sparse_names = dict(dense.named_parameters()), dict(sparse.named_parameters())
     assert set(dense_names) < set(sparse_names)
-    assert all(re.search(r"\.attn\.(gate|compress_[kv])\.", n) for n in set(sparse_names) - set(dense_names))
+    assert all(re.search(r"\.attn\.nsa\.(gate|compress_[kv])\.", n) for n in set(sparse_names) - set(dense_names))
     assert all(dense_names[n].shape == sparse_names[n].shape for n in dense_names)
     tokens = torch.randint(0, 256, (2, 40))
     assert dense(tokens).shape == (2, 40, 256)

@@ -8,42 +8,42 @@ from multirank import run_ranks
 from torch.utils.flop_counter import FlopCounterMode
 
 from nsa_dist.config import run_config
-from nsa_dist.engine import ZeroConfig, deepspeed_config
-from nsa_dist.layer import NativeSparseAttention, NSAConfig
-from nsa_dist.metrics import attention_flops, model_flops_per_sequence
-from nsa_dist.model import ModelConfig, NSATransformer
+from nsa_dist.training.engine import ZeroConfig, deepspeed_config
+from nsa_dist.nn.layer import NativeSparseAttention, NSAConfig
+from nsa_dist.training.metrics import attention_flops, model_flops_per_sequence
+from nsa_dist.nn.model import ModelConfig, NSATransformer
 from nsa_dist.parallel import SINGLE_RANK_MESH, ExchangeLog, ParallelConfig, build_mesh, shard, unshard
-from nsa_dist.parallelize import parallelize
+from nsa_dist.nn.parallelize import parallelize
 
 
 @pytest.mark.parametrize("dp,sp,world,expected", [(None, 1, 4, (4, 1)), (None, 2, 4, (2, 2)), (2, 2, 4, (2, 2)),
                                                   (1, 4, 4, (1, 4)), (None, 1, 1, (1, 1))])
 def test_degrees_multiply_to_the_world(dp, sp, world, expected):
-    assert ParallelConfig(dp=dp, sp=sp).degrees(world) == expected
+    assert ParallelConfig(dp_size=dp, sp_size=sp).degrees(world) == expected
 
 
 @pytest.mark.parametrize("dp,sp,world,match", [
-    (None, 3, 4, r"parallel\.sp=3 does not fit a job of 4 rank\(s\).*parallel\.sp in \[1, 2, 4\]"),
-    (2, 1, 4, r"parallel\.dp=2 x parallel\.sp=1 does not fit a job of 4"),
+    (None, 3, 4, r"parallel\.sp_size=3 does not fit a job of 4 rank\(s\).*parallel\.sp_size in \[1, 2, 4\]"),
+    (2, 1, 4, r"parallel\.dp_size=2 x parallel\.sp_size=1 does not fit a job of 4"),
     (3, 2, 4, r"dp x sp must equal the world size"),
 ])
 def test_degrees_that_do_not_fit_name_the_fix(dp, sp, world, match):
     with pytest.raises(ValueError, match=match):
-        ParallelConfig(dp=dp, sp=sp).degrees(world)
+        ParallelConfig(dp_size=dp, sp_size=sp).degrees(world)
 
 
 def test_single_process_mesh_needs_no_group():
     mesh = build_mesh(ParallelConfig())  # torch.distributed not initialised: one rank
     assert mesh is SINGLE_RANK_MESH
-    assert (mesh.dp, mesh.sp, mesh.rank, mesh.sequence_parallel, mesh.grad_group, mesh.device_mesh) == \
+    assert (mesh.dp_size, mesh.sp_size, mesh.rank, mesh.sequence_parallel, mesh.grad_group, mesh.device_mesh) == \
         (1, 1, 0, None, None, None)
-    with pytest.raises(ValueError, match="parallel.sp=2 does not fit a job of 1"):
-        build_mesh(ParallelConfig(sp=2))
+    with pytest.raises(ValueError, match="parallel.sp_size=2 does not fit a job of 1"):
+        build_mesh(ParallelConfig(sp_size=2))
 
 
 def _mesh_rank(rank: int, world: int) -> None:
-    mesh = build_mesh(ParallelConfig(sp=2, exchange="ring"))
-    assert (mesh.dp, mesh.sp, mesh.dp_rank, mesh.sp_rank) == (2, 2, rank // 2, rank % 2)
+    mesh = build_mesh(ParallelConfig(sp_size=2, exchange="ring"))
+    assert (mesh.dp_size, mesh.sp_size, mesh.dp_rank, mesh.sp_rank) == (2, 2, rank // 2, rank % 2)
     assert mesh.rank == rank and mesh.device_mesh.mesh_dim_names == ("dp", "sp")
     # dp-major: an sp group is contiguous ranks, a dp group strides by sp; gradients meet over all ranks.
     assert dist.get_process_group_ranks(mesh.sp_group) == [2 * (rank // 2), 2 * (rank // 2) + 1]
@@ -74,7 +74,7 @@ def _mesh_rank(rank: int, world: int) -> None:
     scale = max(float(p.grad.norm()) for p in model.parameters())
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         dist.all_reduce(b.grad, group=mesh.grad_group)
-        assert torch.allclose(b.grad / mesh.dp, a.grad, rtol=1e-4, atol=1e-6 * scale), name
+        assert torch.allclose(b.grad / mesh.dp_size, a.grad, rtol=1e-4, atol=1e-6 * scale), name
 
 
 def test_four_ranks_lay_out_dp_major():
@@ -83,8 +83,8 @@ def test_four_ranks_lay_out_dp_major():
 
 @pytest.mark.parametrize("option,stage", [("none", None), ("stage1", 1), ("stage2", 2), ("stage3", 3)])
 def test_zero_group_options_compose(compose_config, option, stage):
-    run = run_config(compose_config(f"zero={option}", "parallel.sp=2"))
-    assert run.zero.stage == stage and run.parallel.sp == 2 and run.parallel.dp is None
+    run = run_config(compose_config(f"zero={option}", "parallel.sp_size=2"))
+    assert run.zero.stage == stage and run.parallel.sp_size == 2 and run.parallel.dp_size is None
 
 
 def test_default_is_plain_torch_on_one_replica(compose_config):
@@ -94,9 +94,9 @@ def test_default_is_plain_torch_on_one_replica(compose_config):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["parallel.sp=16"], r"parallel\.sp=16: .*data\.seq_len=512.*at most P = 8"),
+    (["parallel.sp_size=16"], r"parallel\.sp_size=16: .*data\.seq_len=512.*at most P = 8"),
     (["parallel.exchange=mail"], r"unknown parallel\.exchange='mail'"),
-    (["parallel.sp=0"], r"parallel\.sp must be at least 1"),
+    (["parallel.sp_size=0"], r"parallel\.sp_size must be at least 1"),
     (["zero.stage=4"], r"zero\.stage=4.*zero=stage1\|stage2\|stage3"),
     (["zero.offload=true"], r"zero\.offload needs DeepSpeed"),
     (["trainer.checkpoint_keep=0"], r"trainer\.checkpoint_keep"),

@@ -323,7 +323,7 @@ def test_seq_len_changes_nothing():
     q, k, v = make(1, 40, 4, 2, 8)
     cu = torch.tensor([0, 25, 70])
     o = window_attention(q[:, 20:], k, v, window=8, q_offset=20, cu_seqlens=cu)
-    assert torch.equal(o, window_attention(q[:, 20:], k, v, window=8, q_offset=20, cu_seqlens=cu, seq_len=70))
+    assert torch.equal(o, window_attention(q[:, 20:], k, v, window=8, q_offset=20, cu_seqlens=cu))
     assert rel_err(o, window_attention(q, k, v, window=8, cu_seqlens=torch.tensor([0, 25, 40]))[:, 20:]) < TOL
 
 

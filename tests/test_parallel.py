@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from multirank import run_ranks
 
-from nsa_dist import NativeSparseAttention
+from nsa_dist import NativeSparseAttention, parallelize
 from nsa_dist.parallel import ExchangeLog, SequenceParallel, shard, unshard
 
 TOL = 1e-5
@@ -55,7 +55,8 @@ def check_equivalence(sp, name, *, seq_len, batch=1, cu=None, heads=3, kv_heads=
 
     x_full = x.clone().requires_grad_()
     log = ExchangeLog()
-    y_local = layer(shard(x_full, sp), cu_seqlens=cu_seqlens, sp=sp, log=log)
+    parallelize(layer, sp, exchange_log=log)
+    y_local = layer(shard(x_full, sp), cu_seqlens=cu_seqlens)
     (y_local * shard(dy, sp)).sum().backward()
     y = unshard(y_local.detach(), sp)
     errs = {"out": rel_err(y, y_ref)}
@@ -95,7 +96,8 @@ def check_model(sp):
     model.zero_grad()
     sp = dataclasses.replace(sp, exchange="all_to_all", fallback=False, validate=False)
     log = ExchangeLog()
-    local = model(shard(tokens, sp), cu_seqlens=cu, sp=sp, log=log)
+    parallelize(model, sp, exchange_log=log)
+    local = model(shard(tokens, sp), cu_seqlens=cu)
     (local.square().sum() / ref.numel()).backward()
     assert rel_err(unshard(local.detach(), sp), ref) < TOL
     assert [s.mode for s in log.pop()] == ["all_to_all"] * 2 and log.pop() == []  # one byte count per layer
@@ -145,11 +147,12 @@ def check_bad_inputs(sp):
     P = sp.size
     layer = make_layer(0, heads=2, kv_heads=1, select_size=16, window=16, top_n=3)
     expect_error(lambda: shard(torch.randn(1, 2 * P * 16 + 2, 32), sp), "zigzag", "pad")
-    expect_error(lambda: layer(torch.randn(1, 40, 32), sp=sp), "selection blocks", "pad")
-    expect_error(lambda: layer(torch.randn(1, 8, 32), sp=sp), "ranks", "at most")
+    parallelize(layer, sp)
+    expect_error(lambda: layer(torch.randn(1, 40, 32)), "selection blocks", "pad")
+    expect_error(lambda: layer(torch.randn(1, 8, 32)), "ranks", "at most")
     # ranks that pass shards of different lengths are caught before any exchange
     bad_len = 32 if sp.rank == 0 else 64
-    expect_error(lambda: layer(torch.randn(1, bad_len, 32), sp=sp), "disagree", "local lengths")
+    expect_error(lambda: layer(torch.randn(1, bad_len, 32)), "disagree", "local lengths")
 
 
 def check_group_mismatch(sp):

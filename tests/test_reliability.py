@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_dist.checkpoint import load_file
+from nsa_dist.training.checkpoint import load_file
 from nsa_dist.train import error_line, main
 
 TINY = ("model.num_layers=1", "data.seq_len=128", "trainer.batch_size=2", "trainer.eval_batch_size=2",
@@ -199,7 +199,7 @@ def test_nan_policy_skip_is_refused_with_deepspeed(compose_config, tmp_path, fau
 
 
 @pytest.mark.parametrize("case, overrides, expected", [
-    ("mesh_does_not_fit", ("parallel.sp=2",), "does not fit a job of 1 rank"),
+    ("mesh_does_not_fit", ("parallel.sp_size=2",), "does not fit a job of 1 rank"),
     ("seq_len_not_multiple", ("data.seq_len=100",), "not a multiple of nsa.select_size"),
     ("cuda_without_gpu", ("trainer.device=cuda",), "no CUDA device"),
     ("resume_path_not_a_checkpoint", ("trainer.resume=/nonexistent/step_1",), "is not a checkpoint directory"),

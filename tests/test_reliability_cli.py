@@ -55,7 +55,7 @@ def test_full_error_shows_the_traceback(tmp_path):
 
 
 def test_a_mesh_that_does_not_fit_the_launch_fails_before_any_rank_starts(tmp_path, fault_case):
-    args = ("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.dp=2", "parallel.sp=2")
+    args = ("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.dp_size=2", "parallel.sp_size=2")
     done = run_cli(tmp_path, *TINY, *args)
     line = one_line(done)
     assert "does not fit a job of 2 rank(s)" in line and "launcher=torchrun starts 2" in line

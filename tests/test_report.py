@@ -23,7 +23,7 @@ def make_sweep(root: Path) -> dict[Path, int]:
     for config in sorted(root.glob("*/.hydra/config.yaml")):
         cfg = yaml.safe_load(config.read_text())
         assert cfg["data"]["seq_len"] == N
-        runs[config.parent.parent] = cfg["parallel"]["sp"]
+        runs[config.parent.parent] = cfg["parallel"]["sp_size"]
     assert sorted(runs.values()) == [1, 2], f"the sweep's jobs: {runs}"
     return runs
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nsa_dist.tasks import MQARTask, NeedleTask, TokenLayout, answer_accuracy, answer_loss, recall_answers
+from nsa_dist.data.tasks import MQARTask, NeedleTask, TokenLayout, answer_accuracy, answer_loss, recall_answers
 
 LAYOUT = TokenLayout(vocab_size=256, filler_vocab=64, key_vocab=96, value_vocab=96)
 

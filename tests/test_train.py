@@ -4,8 +4,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nsa_dist.config import TrainConfig
-from nsa_dist.train import NonFiniteLoss, lr_at, main
+from nsa_dist.train import main
+from nsa_dist.training.config import TrainConfig
+from nsa_dist.training.loop import NonFiniteLoss, lr_at
 
 FAST = ("trainer.batch_size=2", "data.seq_len=256", "trainer.eval_batch_size=4", "trainer.progress_bar=false",
         "trainer.device=cpu")
@@ -47,16 +48,16 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 def test_chunked_evaluation_equals_the_whole_batch_at_once(compose_config):
     from nsa_dist.config import run_config
-    from nsa_dist.data import build_source
-    from nsa_dist.engine import TrainEngine
-    from nsa_dist.models import build_model
+    from nsa_dist.data.sources import build_source
+    from nsa_dist.training.engine import TrainEngine
+    from nsa_dist.nn.build import build_model
     from nsa_dist.parallel import Mesh
-    from nsa_dist.train import evaluate
+    from nsa_dist.training.loop import evaluate
 
     run = run_config(compose_config("model.num_layers=1", "data.seq_len=128", "trainer.device=cpu"))
     torch.manual_seed(0)
     model = build_model(run.model, run.nsa)
-    engine = TrainEngine(model, torch.optim.AdamW(model.parameters()), grad_clip=1.0, mesh=Mesh(dp=1, sp=1))
+    engine = TrainEngine(model, torch.optim.AdamW(model.parameters()), grad_clip=1.0, mesh=Mesh(dp_size=1, sp_size=1))
     batch = build_source(run.data, vocab_size=256, generator=torch.Generator().manual_seed(3)).sample(5)
     no_autocast = torch.autocast("cpu", enabled=False)
     whole = evaluate(engine, batch, no_autocast)
@@ -67,11 +68,11 @@ def test_chunked_evaluation_equals_the_whole_batch_at_once(compose_config):
 
 
 def test_a_non_finite_gradient_leaves_weights_and_optimizer_alone():
-    from nsa_dist.engine import TrainEngine
+    from nsa_dist.training.engine import TrainEngine
     from nsa_dist.parallel import Mesh
 
     model = torch.nn.Linear(3, 2)
-    engine = TrainEngine(model, torch.optim.AdamW(model.parameters(), lr=0.1), grad_clip=1.0, mesh=Mesh(dp=1, sp=1))
+    engine = TrainEngine(model, torch.optim.AdamW(model.parameters(), lr=0.1), grad_clip=1.0, mesh=Mesh(dp_size=1, sp_size=1))
     before = [p.detach().clone() for p in model.parameters()]
     engine.backward(model(torch.full((1, 3), float("nan"))).sum())
     assert math.isnan(engine.step())
@@ -89,18 +90,18 @@ def test_a_run_that_stops_midway_still_carries_its_hparams(compose_config, tmp_p
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     cfg = compose_config(*FAST, "trainer.steps=4", "trainer.eval_every=0", "model.num_layers=1", "trainer.lr=1e9",
-                         "parallel.sp=1")
+                         "parallel.sp_size=1")
     with pytest.raises(NonFiniteLoss):
         main(cfg, run_dir=tmp_path)
     content = EventAccumulator(str(tmp_path / "tensorboard")).Reload().PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["trainer.lr"].number_value == 1e9
-    assert start.session_start_info.hparams["parallel.sp"].number_value == 1
+    assert start.session_start_info.hparams["parallel.sp_size"].number_value == 1
 
 
 def test_every_evaluation_runs_in_training_sized_chunks(compose_config, tmp_path, monkeypatch):
     """Mid-run and closing evaluations alike: an eval batch larger than a training batch is never one forward."""
-    import nsa_dist.train as train_module
+    import nsa_dist.training.loop as train_module
 
     calls = []
     real_evaluate = train_module.evaluate

@@ -28,9 +28,9 @@ def _train_each(rank: int, world_size: int, runs: list, out_dir: str) -> dict:
     """Train each of `runs` (name, overrides) in turn on this rank of the harness's gloo group."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "DS_ACCELERATOR": "cpu"})
-    from nsa_dist import distributed
+    from nsa_dist.training import distributed
     from nsa_dist.config import run_config
-    from nsa_dist.train import train
+    from nsa_dist.training.loop import train
 
     ctx = distributed.init_process_group(backend="gloo", timeout_s=120, device="cpu")
     results = {}
@@ -46,14 +46,14 @@ def spawn(world_size: int, runs: list, out_dir: Path) -> dict:
 
 
 def test_zero2_sequence_parallel_matches_data_parallel_zero3_runs_and_resume_is_exact(tmp_path):
-    reference = spawn(2, [("dp2_sp1", [*TINY, "zero=stage2", "parallel.sp=1"])], tmp_path / "dp2")["dp2_sp1"]
+    reference = spawn(2, [("dp2_sp1", [*TINY, "zero=stage2", "parallel.sp_size=1"])], tmp_path / "dp2")["dp2_sp1"]
 
     ckpt = tmp_path / "dp2sp2" / "zero2" / "checkpoints"
     runs = [
-        ("zero2", [*TINY, "zero=stage2", "parallel.dp=2", "parallel.sp=2", "trainer.checkpoint_every=2"]),
+        ("zero2", [*TINY, "zero=stage2", "parallel.dp_size=2", "parallel.sp_size=2", "trainer.checkpoint_every=2"]),
         # A fresh engine, model and data stream, restored from the checkpoint written after step 2.
-        ("zero2_resumed", [*TINY, "zero=stage2", "parallel.sp=2", f"trainer.resume={ckpt / 'step_00000002'}"]),
-        ("zero3", [*TINY, "zero=stage3", "parallel.sp=2", "trainer.activation_checkpointing=true"]),
+        ("zero2_resumed", [*TINY, "zero=stage2", "parallel.sp_size=2", f"trainer.resume={ckpt / 'step_00000002'}"]),
+        ("zero3", [*TINY, "zero=stage3", "parallel.sp_size=2", "trainer.activation_checkpointing=true"]),
     ]
     got = spawn(4, runs, tmp_path / "dp2sp2")
 

@@ -10,17 +10,24 @@ group size G = HQ / H, head dims D for q/k and Dv for v):
 
 `q_offset` / `k_offset` give the global index of the first query / key when a tensor holds a
 slice of the sequence (a sequence-parallel shard, a halo); `cu_seqlens` (`[num_docs + 1]`,
-B == 1) packs documents and must reach at least the end of the furthest slice. `seq_len`, the
-length of the whole sequence, is accepted by every op and used by none: positions, documents and
-causality all follow from the offsets and `cu_seqlens`. Backends: "torch" (`naive.py`, fp32, any
-device), "triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on CUDA tensors, torch otherwise).
+B == 1) packs documents and must reach at least the end of the furthest slice. Positions, documents and causality all
+follow from the offsets and `cu_seqlens`; no op needs the length of the whole sequence. Backends:
+"torch" (`naive.py`, fp32, any device), "triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on
+CUDA tensors when Triton is installed, torch otherwise, with a warning on CUDA).
+
+Under `torch.autocast` the ops take their floating inputs at the autocast dtype, as SDPA does (a model
+whose RoPE returns fp32 q and k beside bf16 v then runs); outside autocast, inputs of different dtypes
+are refused.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import importlib
+import importlib.util
 import math
 import os
+import warnings
 
 import torch
 
@@ -36,21 +43,41 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_op("gated_sum") is not None else "torch"
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
     return backend
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether the `triton` package is there at all. Only its absence sends "auto" to the reference: an
+    ImportError from inside the kernels is a bug to see, not a reason to run many times slower."""
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    if torch.cuda.is_available():
+        warnings.warn("nsa_dist: triton is not installed, so backend='auto' runs the NSA ops on the PyTorch reference "
+                      "(fp32, many times slower than the kernels): pip install triton", stacklevel=3)
+    return False
+
+
 def _triton_op(name: str):
-    try:
-        return getattr(importlib.import_module(f".{_TRITON_MODULES[name]}", __package__), name)
-    except ImportError:
+    if not _triton_installed():
         return None
+    return getattr(importlib.import_module(f".{_TRITON_MODULES[name]}", __package__), name)
+
+
+def _autocast(*tensors):
+    """The floating tensors at the autocast dtype when autocast is on for their device, as they are otherwise."""
+    device = next(t.device.type for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _impl(backend: str, device: torch.device, name: str):
     backend = _resolve_backend(backend, device)
     if backend == "torch":
-        return getattr(naive, name)
+        return _without_autocast(getattr(naive, name), device)
     op = _triton_op(name)
     if op is None:
         raise NotImplementedError(f"{name}: backend='triton' is not available in this install (needs triton "
@@ -59,7 +86,18 @@ def _impl(backend: str, device: torch.device, name: str):
         raise ValueError(f"{name}: backend='triton' needs CUDA tensors, got tensors on {device}; move them to a "
                          f"GPU, use backend='auto' or 'torch' (the PyTorch reference), or set TRITON_INTERPRET=1 "
                          f"to run the kernels in Triton's (slow) interpreter")
-    return op
+    return _without_autocast(op, device)
+
+
+def _without_autocast(fn, device: torch.device):
+    """`fn` with autocast off: its inputs are cast once at the boundary (`_autocast`), and inside, the
+    reference's fp32 math and the kernels' launch code must not be cast again."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _check_4d(name, t):
@@ -152,7 +190,7 @@ def _scale(scale, q):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len: int = 32, stride: int = 16, scale: float | None = None,
-                         q_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                         q_offset: int = 0, cu_seqlens: torch.Tensor | None = None,
                          backend: str = "torch"):
     """Attention of each query over the compressed tokens whose whole block lies in its past.
 
@@ -160,6 +198,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len: int = 32, stride: int = 
     and is visible to the query at position `t` iff `i*stride + block_len - 1 <= t`. A query that
     sees none gets 0 and lse = -inf. Returns `(o [B, T, HQ, Dv], lse [B, T, HQ] fp32)`.
     """
+    q, k_cmp, v_cmp = _autocast(q, k_cmp, v_cmp)
     _check_compressed(q, k_cmp, v_cmp, block_len, stride, q_offset, cu_seqlens)
     _check_positions(q, q_offset, 0, 0, cu_seqlens)
     fn = _impl(backend, q.device, "compressed_attention")
@@ -169,7 +208,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len: int = 32, stride: int = 
 
 def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, select_size: int = 64, top_n: int = 16,
                   num_init: int = 1, num_local: int = 2, scale: float | None = None, q_offset: int = 0,
-                  cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None, backend: str = "torch"):
+                  cu_seqlens: torch.Tensor | None = None, backend: str = "torch"):
     """Top-n selection blocks per (query, KV head), shared by the G query heads of the group.
 
     Block importance = the compression branch's softmax (`exp(q·k_cmp*scale - lse)`), mapped onto
@@ -179,6 +218,7 @@ def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, selec
     ids of the query's document ascending, -1 for empty slots. Not differentiable (top-n is
     discrete): gradients reach the compression only through the compressed-attention output.
     """
+    q, k_cmp = _autocast(q, k_cmp)
     _check_compressed(q, k_cmp, k_cmp, block_len, stride, q_offset, cu_seqlens)
     _check_positions(q, q_offset, 0, 0, cu_seqlens)
     if select_size <= 0 or select_size % stride:
@@ -195,7 +235,7 @@ def select_blocks(q, k_cmp, lse, *, block_len: int = 32, stride: int = 16, selec
 
 
 def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | None = None, q_offset: int = 0,
-                        k_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                        k_offset: int = 0, cu_seqlens: torch.Tensor | None = None,
                         backend: str = "torch", return_lse: bool = False):
     """Attention of each query over the keys of its selected blocks (`idx`), causal inside a block.
 
@@ -205,6 +245,7 @@ def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | N
     With `return_lse=True` returns `(o, lse [B, T, HQ] fp32)`, lse differentiable, -inf for a query
     with no key: partial attentions over disjoint key sets then merge exactly (the ring exchange).
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v)
     cu = _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens)
     if select_size <= 0:
@@ -219,10 +260,11 @@ def selection_attention(q, k, v, idx, *, select_size: int = 64, scale: float | N
 
 
 def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, q_offset: int = 0,
-                     k_offset: int = 0, cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
+                     k_offset: int = 0, cu_seqlens: torch.Tensor | None = None,
                      backend: str = "torch"):
     """Sliding-window attention: the query at position `t` sees keys at positions `(t - window, t]`
     of its own document. `k`/`v` start at global token `k_offset` and must cover that window."""
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v)
     _check_positions(q, q_offset, k.shape[1], k_offset, cu_seqlens)
     if window <= 0:
@@ -236,8 +278,7 @@ def window_attention(q, k, v, *, window: int = 512, scale: float | None = None, 
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len: int = 32, stride: int = 16,
                   select_size: int = 64, top_n: int = 16, window: int = 512, num_init: int = 1, num_local: int = 2,
                   scale: float | None = None, q_offset: int = 0, k_offset: int = 0,
-                  cu_seqlens: torch.Tensor | None = None, seq_len: int | None = None,
-                  k_slc=None, v_slc=None, k_win=None, v_win=None, backend: str = "torch", return_idx: bool = False):
+                  cu_seqlens: torch.Tensor | None = None, k_slc=None, v_slc=None, k_win=None, v_win=None, backend: str = "torch", return_idx: bool = False):
     """`o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn(q, K_win, V_win)`.
 
     `k`/`v` serve the selection and window branches unless `k_slc`/`v_slc`, `k_win`/`v_win` give
@@ -272,6 +313,7 @@ def gated_sum(outputs, gates, *, backend: str = "torch"):
     if len(outputs) != len(gates) or len(outputs) not in (2, 3):
         raise ValueError(f"gated_sum takes two or three (output, gate) pairs, got {len(outputs)} outputs and "
                          f"{len(gates)} gates")
+    outputs, gates = _autocast(*outputs), _autocast(*gates)
     for o, g in zip(outputs, gates):
         if o.shape != outputs[0].shape or g.shape != o.shape[:3] or o.dtype != outputs[0].dtype:
             raise ValueError(f"gated_sum: outputs must share one shape and dtype, gates be [B, T, HQ]; got "

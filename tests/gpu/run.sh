@@ -6,8 +6,9 @@
 #   4. bench/kernels.py,                           -> $OUT_DIR/kernels.{log,json}
 #   5. with 2 or more GPUs: the NCCL equivalence tests and bench/sp.py through torchrun
 #                                                  -> $OUT_DIR/sp_gpu_tests.log, $OUT_DIR/sp.{log,json}
-#   6. with BASELINE=<git commit>: that commit's bench/kernels.py and kernels, installed into a scratch
-#      directory, timed in the same run so that before/after numbers come from one card
+#   6. with BASELINE=<git commit, or a directory holding that commit's files (git archive)>: its
+#      bench/kernels.py and kernels, installed into a scratch directory, timed in the same run so that
+#      before/after numbers come from one card
 #                                                  -> $OUT_DIR/baseline.{log,json}
 # Knobs: OUT_DIR (default bench/results/local), TESTS, BENCH_ARGS, BASELINE_ARGS, SP_ARGS, and the
 # *_TIMEOUT seconds of each step. Example, the per-op breakdown at 64k against the previous commit:
@@ -59,7 +60,8 @@ fi
 if [ -n "${BASELINE:-}" ]; then
   step "baseline $BASELINE in the same run"
   scratch=$(mktemp -d)
-  git worktree add --detach "$scratch/src" "$BASELINE" > /dev/null
+  if [ -d "$BASELINE" ]; then cp -r "$BASELINE" "$scratch/src"
+  else git worktree add --detach "$scratch/src" "$BASELINE" > /dev/null; fi
   # A real (non-editable) install maps kernels/ and parallel/ into the package as any user's install does.
   python3 -m pip install -q --no-deps --no-build-isolation --target "$scratch/site" "$scratch/src" \
     > "$OUT_DIR/baseline_pip.log" 2>&1
@@ -69,7 +71,7 @@ if [ -n "${BASELINE:-}" ]; then
     timeout "${BENCH_TIMEOUT:-900}" python3 bench/kernels.py ${BASELINE_ARGS:-${BENCH_ARGS:-}} \
       --out "$OUT_DIR/baseline.json" ) 2>&1 | tee "$OUT_DIR/baseline.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  git worktree remove --force "$scratch/src"
+  [ -d "$BASELINE" ] || git worktree remove --force "$scratch/src"
   rm -rf "$scratch"
 fi
 exit $status

@@ -28,7 +28,7 @@ def rel(a, b, floor=0.0):
 
 def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all_to_all", fallback=False,
                backend="auto", seed=0, **nsa):
-    from nsa_dist import NativeSparseAttention
+    from nsa_dist import NativeSparseAttention, parallelize
     from nsa_dist.parallel import ExchangeLog, shard, unshard
 
     sp = dataclasses.replace(sp, exchange=exchange, fallback=fallback, validate=False)
@@ -48,7 +48,8 @@ def check_case(sp, name, *, seq_len, cu=None, heads=8, kv_heads=2, exchange="all
 
     x_bf = x.to(torch.bfloat16).requires_grad_()
     log = ExchangeLog()
-    y_local = layer(shard(x_bf, sp), cu_seqlens=cu_seqlens, sp=sp, log=log)
+    parallelize(layer, sp, exchange_log=log)
+    y_local = layer(shard(x_bf, sp), cu_seqlens=cu_seqlens)
     (y_local.float() * shard(dy, sp)).sum().backward()
     errs = {"out": (rel(unshard(y_local.detach(), sp), y_ref), TOL_OUT)}
     dist.all_reduce(x_bf.grad, group=sp.group)

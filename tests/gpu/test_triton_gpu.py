@@ -180,8 +180,8 @@ def test_packed_documents_offsets_fp16_head_dims():
     s, e = 2500, 3900  # a shard [2500, 3900) with keys from 2500 - 127 for the window
     qs = q.detach()[:, s:e]
     ks, vs = k.detach()[:, s - 127:e], v.detach()[:, s - 127:e]
-    o_ref = a.window_attention(qs, ks, vs, window=128, q_offset=s, k_offset=s - 127, cu_seqlens=cu, seq_len=T,
+    o_ref = a.window_attention(qs, ks, vs, window=128, q_offset=s, k_offset=s - 127, cu_seqlens=cu,
                                backend="torch")
-    o = a.window_attention(qs, ks, vs, window=128, q_offset=s, k_offset=s - 127, cu_seqlens=cu, seq_len=T,
+    o = a.window_attention(qs, ks, vs, window=128, q_offset=s, k_offset=s - 127, cu_seqlens=cu,
                            backend="triton")
     assert rel(o, o_ref) < TOL

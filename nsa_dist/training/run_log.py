@@ -13,7 +13,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from nsa_dist import metrics
+from nsa_dist.training import metrics
 
 
 # The metrics TensorBoard's HParams tab shows beside each run's config.

@@ -4,8 +4,7 @@ The training loop sees only `TrainEngine`: `backward(loss)`, `step() -> grad nor
 skips a non-finite update), `save(dir)`,
 `load(dir)`, `lr`. Both take the job's `Mesh` and expect the loss of each rank to be scaled so that
 the mean of the gradients over the mesh's `grad_group` (every dp x sp rank) is the training gradient
-(nsa_dist.loss.token_metrics does this for sequence parallelism: sum over the ranks of a replica,
-mean over the replicas).
+(nsa_dist.training.loss.causal_lm_loss, the one place that scaling is written).
 
 ZeRO partitions over every rank of the job (dp x sp), as DeepSpeed's own sequence-parallel
 support does: the sp ranks of a replica hold different slices of the optimizer state (and, at
@@ -22,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nsa_dist import distributed
-from nsa_dist.checkpoint import load_file
+from nsa_dist.training import distributed
+from nsa_dist.training.files import load_file
 from nsa_dist.parallel import Mesh
 
 ZERO_STAGES = (1, 2, 3)
@@ -39,6 +38,9 @@ class ZeroConfig:
     param_persistence_threshold: int = 0  # stage 3: parameters smaller than this stay whole on every rank
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
+
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
 
     def validate(self) -> "ZeroConfig":
         if self.stage is not None and self.stage not in ZERO_STAGES:
@@ -164,7 +166,7 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def load(self, directory: Path) -> None:
         # DeepSpeed reads its files with its own torch.load; the resume has already opened every one of
-        # them with weights_only=True (nsa_dist.checkpoint.verify_checkpoint), so only plain data gets here.
+        # them with weights_only=True (nsa_dist.training.checkpoint.verify_checkpoint), so only plain data gets here.
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")

@@ -8,7 +8,7 @@ forced to take (the initial and local ones); the gate hook keeps the sigmoid of 
 Recording covers whole sequences on one device (no sequence parallelism, no packed documents).
 
 The statistics below read those records against the positions each answer copies
-(`nsa_dist.tasks` `sample_with_sources`):
+(`nsa_dist.data.tasks` `sample_with_sources`):
 
     needle_hits          for every answer and KV head: is the block holding the answer's source among
                          the blocks its query selected
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from nsa_dist.kernels import compressed_attention, compression_blocks, select_blocks
-from nsa_dist.layer import NativeSparseAttention, SparseAttention
+from nsa_dist.nn.layer import SparseAttention
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -104,17 +104,12 @@ class SelectionRecorder:
         self._hooks.clear()
 
     def _record_selection(self, layer: SparseAttention, args, kwargs) -> None:
-        if kwargs.get("sp") is not None or kwargs.get("cu_seqlens") is not None:
-            raise ValueError("selection statistics read whole sequences: call the model without sp and cu_seqlens")
+        if layer.sp is not None or kwargs.get("cu_seqlens") is not None:
+            raise ValueError("selection statistics read whole sequences: record on a model that is not parallelized, "
+                             "called without cu_seqlens")
         c = layer.config
         with torch.no_grad():
-            x = args[0]
-            if len(args) >= 4:  # a SparseAttention called with its q, k, v (a converted model)
-                q, k, v = args[1:4]
-            elif isinstance(layer, NativeSparseAttention):
-                q, k, v = layer.project(x, torch.arange(x.shape[1], device=x.device))
-            else:
-                raise ValueError(f"{type(layer).__name__} was called without q, k, v: cannot recompute its selection")
+            x, q, k, v = args[:4]  # the layer input and its projected, rotated q, k, v
             if isinstance(k, (tuple, list)):  # separate_kv: the compression set scores the blocks
                 k, v = k[0], v[0]
             k_cmp = layer.compress_k(compression_blocks(k, c.block_len, c.stride))

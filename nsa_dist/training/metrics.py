@@ -29,8 +29,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from nsa_dist.layer import NSAConfig
-from nsa_dist.model import ModelConfig
+from nsa_dist.nn.layer import NSAConfig
+from nsa_dist.nn.model import ModelConfig
 
 # Dense bf16 peak per device (FLOP/s, without sparsity), for MFU when trainer.peak_flops is not given.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -4,15 +4,15 @@
                                                                      ├─ top-n blocks ─ selected attention ──┼─ gated sum ─ o_proj
                                                                      └─ sliding-window attention ───────────┘
 `SparseAttention` is everything right of RoPE (φ, the gates, the op sequence), for a model that brings
-its own projections and rotary embedding; `NativeSparseAttention` adds q/k/v/o projections and RoPE.
-`DenseAttention` is the baseline every comparison runs against: the same projections and RoPE, then
-causal softmax attention over every past key (no φ, no gates).
+its own projections and rotary embedding; `NativeSparseAttention` owns one with `RotaryProjections`
+(q/k/v/o and RoPE). `DenseAttention` is the baseline every comparison runs against: the same
+projections module, then causal softmax attention over every past key (no φ, no gates).
 One op sequence (nsa_dist.parallel.nsa_forward) serves one rank and a sequence shard alike; the ops
 live in nsa_dist.kernels, and these modules own only the parameters.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from nsa_dist.kernels import BACKENDS
-from nsa_dist.parallel import ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, document_positions, nsa_forward
-from nsa_dist.parallel.attention import local_chunks
-from nsa_dist.parallel.exchange import all_gather_kv
+from nsa_dist.parallel import (ExchangeLog, PlanCache, SequenceParallel, document_positions, gather_sequence_kv,
+                               local_chunks, nsa_forward)
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -41,6 +40,9 @@ class NSAConfig:
     compression: str = "mlp"  # φ: "mlp" (learned, with intra-block positions) or "mean"
     separate_kv: bool = False  # independent K/V projections per branch
     backend: str = "auto"  # "triton" on CUDA tensors, the torch reference otherwise
+
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
 
     def validate(self) -> "NSAConfig":
         def bad(msg):
@@ -98,19 +100,27 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class RotaryProjections:
-    """q/k/v/o projections and RoPE at given positions, shared by the NSA layer and its dense baseline so
-    that both hold the same parameters under the same names. Expects `hidden_size`, `num_heads`,
-    `num_kv_heads`, `head_dim`, `num_kv_sets` and `rope_theta` on the module."""
+class RotaryProjections(nn.Module):
+    """q/k/v/o projections and RoPE at given positions: one module, owned by the NSA layer and by its dense
+    baseline alike (`proj`), so that both hold the same parameters under the same names and init.
 
-    def build_projections(self):
-        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(self.hidden_size, self.num_kv_sets * 2 * self.num_kv_heads * self.head_dim,
-                                 bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+    `num_kv_sets` is 3 for independent K/V per NSA branch (compression, selection, window), else 1.
+    """
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope_theta: float,
+                 num_kv_sets: int = 1):
+        super().__init__()
+        check_heads(num_heads, num_kv_heads, head_dim)
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
+        self.rope_theta, self.num_kv_sets = rope_theta, num_kv_sets
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(hidden_size, num_kv_sets * 2 * num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor):
         """q `[B, T, HQ, D]` and k, v `[B, T, H, D]` (three of each with `num_kv_sets == 3`), rotated at `positions`."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
         B, T, _ = x.shape
         q = rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), positions, self.rope_theta)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, 2, self.num_kv_heads, self.head_dim)
@@ -118,9 +128,9 @@ class RotaryProjections:
         v = [kv[:, :, i, 1] for i in range(self.num_kv_sets)]
         return (q, k[0], v[0]) if self.num_kv_sets == 1 else (q, tuple(k), tuple(v))
 
-    def check_input(self, x: torch.Tensor):
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"expected x [B, T, {self.hidden_size}], got {tuple(x.shape)}")
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """The attention output `[B, T, HQ, Dv]` back to `[B, T, hidden_size]`."""
+        return self.o_proj(o.flatten(2))
 
 
 def check_heads(num_heads: int, num_kv_heads: int, head_dim: int | None = None):
@@ -131,118 +141,103 @@ def check_heads(num_heads: int, num_kv_heads: int, head_dim: int | None = None):
         raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {head_dim}")
 
 
-class SparseAttention(nn.Module):
+class ShardedAttention:
+    """What `nsa_dist.parallelize` installs on an attention layer, the one way a layer learns of sequence
+    parallelism: `sp`, the SequenceParallel handle (None: the whole sequence is here), and
+    `exchange_log`, the ExchangeLog its byte counts go into (None: not recorded). The index plans that
+    depend only on shapes are kept per layer (`plans`)."""
+
+    sp: SequenceParallel | None = None
+    exchange_log: ExchangeLog | None = None
+
+
+class SparseAttention(ShardedAttention, nn.Module):
     """NSA over queries, keys and values that are already projected and rotated: compression φ for K and
     V, the branch gates (`gate`, from the layer input `x`) and the op sequence.
 
-    `forward(x, q, k, v, *, cu_seqlens=None, sp=None, log=None) -> o [B, T, HQ, Dv]` with `x [B, T,
-    hidden_size]`, `q [B, T, HQ, D]` and `k`, `v` `[B, T, H, D]` (or, with `separate_kv`, three of each:
-    compression, selection, window). With `sp` (a SequenceParallel) every tensor is this rank's zigzag
-    shard (nsa_dist.parallel.shard) and `cu_seqlens` stays global; the call's byte counts go into `log`
-    (an ExchangeLog) when one is given, and are not recorded otherwise. The index plans that depend only
-    on shapes are kept per layer (`plans`).
+    `forward(x, q, k, v, *, cu_seqlens=None) -> o [B, T, HQ, Dv]` with `x [B, T, hidden_size]`,
+    `q [B, T, HQ, D]` and `k`, `v` `[B, T, H, D]` (or, with `separate_kv`, three of each: compression,
+    selection, window). Once parallelized over `sp`, every tensor is this rank's zigzag shard
+    (nsa_dist.parallel.shard) and `cu_seqlens` stays global.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig):
         super().__init__()
         check_heads(num_heads, num_kv_heads)
-        self.config = config.validate()
+        self.config = config
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.num_branches = 3 if config.window else 2
         self.plans = PlanCache()
-        # A subclass's parameters come first: construction order fixes what a seed initialises and the
-        # order of parameters in optimizer state.
-        self.build_projections()
         self.gate = nn.Linear(hidden_size, self.num_branches * num_heads)
         self.compress_k = Compression(head_dim, config.block_len, config.compression)
         self.compress_v = Compression(head_dim, config.block_len, config.compression)
 
-    def build_projections(self):
-        """Where a subclass creates the modules that feed q, k and v; this one has none."""
-
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k, v, *, cu_seqlens: torch.Tensor | None = None,
-                sp: SequenceParallel | None = None, log: ExchangeLog | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k, v, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         gates = torch.sigmoid(self.gate(x)).view(B, T, self.num_branches, self.num_heads).unbind(2)
         return nsa_forward(q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v, config=self.config,
-                           sp=sp, cu_seqlens=cu_seqlens, plans=self.plans, log=log)
+                           sp=self.sp, cu_seqlens=cu_seqlens, plans=self.plans, exchange_log=self.exchange_log)
 
 
-class NativeSparseAttention(RotaryProjections, SparseAttention):
-    """NSA self-attention over `x [B, T, hidden_size]` → `[B, T, hidden_size]`.
+class NativeSparseAttention(nn.Module):
+    """NSA self-attention over `x [B, T, hidden_size]` → `[B, T, hidden_size]`: the projections and RoPE
+    (`proj`) around the NSA core (`nsa`, a `SparseAttention`).
 
     `num_heads` query heads share `num_kv_heads` key/value heads (group size G >= 1 divides).
-    `forward(x, cu_seqlens=None, sp=None, log=None)`: `cu_seqlens` packs documents (B == 1); RoPE
-    positions and every causal rule then restart per document. With `sp` (a SequenceParallel), `x` is
-    this rank's zigzag shard (nsa_dist.parallel.shard), `cu_seqlens` stays global, and the output is
-    the shard of what the layer computes on the full sequence; its byte counts go into `log`.
+    `forward(x, cu_seqlens=None)`: `cu_seqlens` packs documents (B == 1); RoPE positions and every causal
+    rule then restart per document. Once parallelized over `sp`, `x` is this rank's zigzag shard
+    (nsa_dist.parallel.shard), `cu_seqlens` stays global, and the output is the shard of what the layer
+    computes on the full sequence.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, block_len: int = 32,
-                 stride: int = 16, select_size: int = 64, top_n: int = 16, window: int = 512, num_init: int = 1,
-                 num_local: int = 2, compression: str = "mlp", separate_kv: bool = False, rope_theta: float = 10000.0,
-                 backend: str = "auto"):
-        check_heads(num_heads, num_kv_heads, head_dim)
-        config = NSAConfig(block_len=block_len, stride=stride, select_size=select_size, top_n=top_n, window=window,
-                           num_init=num_init, num_local=num_local, compression=compression, separate_kv=separate_kv,
-                           backend=backend)
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, config)
-        self.rope_theta = rope_theta
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, nsa: NSAConfig | None = None,
+                 *, rope_theta: float = 10000.0, **knobs):
+        """`nsa`, or its fields as keywords (`block_len=32, window=512, ...`), not both."""
+        if nsa is None:
+            nsa = NSAConfig(**knobs)
+        elif knobs:
+            raise TypeError(f"pass an NSAConfig or its fields as keywords, not both (got nsa and {sorted(knobs)})")
+        super().__init__()
+        # projections first: construction order fixes what a seed initialises and the parameter order
+        self.proj = RotaryProjections(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta,
+                                      num_kv_sets=3 if nsa.separate_kv else 1)
+        self.nsa = SparseAttention(hidden_size, num_heads, num_kv_heads, head_dim, nsa)
 
-    @classmethod
-    def from_config(cls, hidden_size, num_heads, num_kv_heads, head_dim, nsa: NSAConfig, rope_theta=10000.0):
-        return cls(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta, **asdict(nsa))
+    @property
+    def config(self) -> NSAConfig:
+        return self.nsa.config
 
-    def build_projections(self):
-        self.num_kv_sets = 3 if self.config.separate_kv else 1  # (cmp, slc, win) or one shared K/V
-        super().build_projections()
-
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None,
-                log: ExchangeLog | None = None) -> torch.Tensor:
-        self.check_input(x)
-        B, T, _ = x.shape
-        q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
-        o = super().forward(x, q, k, v, cu_seqlens=cu_seqlens, sp=sp, log=log)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        positions = document_positions(self.nsa.sp, x.shape[1], cu_seqlens, x.device, plans=self.nsa.plans)
+        q, k, v = self.proj(x, positions)
+        return self.proj.output(self.nsa(x, q, k, v, cu_seqlens=cu_seqlens))
 
 
-class DenseAttention(RotaryProjections, nn.Module):
-    """Causal softmax attention over every past key (SDPA, GQA), NSA's baseline: the q/k/v/o projections
-    and RoPE of `NativeSparseAttention` under the same names and init, without φ and gates, so that a
-    comparison of the two changes only the attention.
+class DenseAttention(ShardedAttention, nn.Module):
+    """Causal softmax attention over every past key (SDPA, GQA), NSA's baseline: the projections and RoPE of
+    `NativeSparseAttention` (`proj`, same names and init), without φ and gates, so that a comparison of
+    the two changes only the attention.
 
-    `forward(x, *, cu_seqlens=None, sp=None, log=None)` as the NSA layer's: `cu_seqlens` packs
-    documents (B == 1; attention and RoPE restart per document). With `sp`, `x` is this rank's zigzag
-    shard; every rank all-gathers the K/V of the whole sequence (the plain context-parallel scheme)
-    and each of its two chunks attends to the keys up to the chunk's end; the gradients of the
-    gathered K/V return to their owners and are summed there. Its bytes go into `log` as an all-gather.
+    `forward(x, *, cu_seqlens=None)` as the NSA layer's: `cu_seqlens` packs documents (B == 1; attention
+    and RoPE restart per document). Once parallelized over `sp`, `x` is this rank's zigzag shard; every
+    rank all-gathers the K/V of the whole sequence (the plain context-parallel scheme,
+    nsa_dist.parallel.gather_sequence_kv) and each of its two chunks attends to the keys up to the chunk's
+    end; the gradients of the gathered K/V return to their owners and are summed there.
     """
-
-    num_kv_sets = 1
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float = 10000.0):
         super().__init__()
-        check_heads(num_heads, num_kv_heads, head_dim)
-        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
-        self.head_dim, self.rope_theta = head_dim, rope_theta
+        self.proj = RotaryProjections(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta)
         self.plans = PlanCache()
-        self.build_projections()
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sp: SequenceParallel | None = None,
-                log: ExchangeLog | None = None) -> torch.Tensor:
-        self.check_input(x)
-        B, T, _ = x.shape
-        q, k, v = self.project(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        T = x.shape[1]
+        sp = self.sp
+        q, k, v = self.proj(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
         if sp is not None:
-            kv = torch.cat([k, v], -1)  # (B, T, H, 2D)
-            k, v = all_gather_kv(kv, sp, self.plans).split(self.head_dim, -1)  # (B, N, H, D) each, in global order
-            if log is not None:
-                sent = kv[:, :1].numel() * kv.element_size() * T * (sp.size - 1)
-                log.record(ExchangeStats(mode="all_gather", fell_back=False, exchange_bytes=sent, halo_bytes=0,
-                                         compressed_bytes=0, allgather_bytes=sent, blocks_fetched=0))
-        o = causal_attention(q, k, v, local_chunks(T, sp).starts, cu_seqlens)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+            k, v = gather_sequence_kv(k, v, sp, self.plans, self.exchange_log)  # (B, N, H, D) each, global order
+        return self.proj.output(causal_attention(q, k, v, local_chunks(T, sp).starts, cu_seqlens))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_starts: tuple = (0,),
@@ -271,4 +266,4 @@ def _sdpa(q, k, v, mask):
     return o.transpose(1, 2)
 
 
-ATTENTION_LAYERS = (SparseAttention, DenseAttention)  # what nsa_dist.parallelize runs on sequence shards
+ATTENTION_LAYERS = (SparseAttention, DenseAttention)  # what nsa_dist.nn.parallelize runs on sequence shards

@@ -5,8 +5,8 @@
 returns a `DistributedContext` that the training loop takes explicitly; without `RANK` it is one
 process and no group. Starting ranks is nsa_dist.launch's job, not this module's.
 
-Groups passed to the collectives below follow the mesh's convention: None is a group of one (this
-rank alone), not torch's default of the whole world.
+Groups passed to the collectives below follow torch's and the mesh's convention: None is the default
+group (the whole world); a group of one rank, or no process group at all, makes them no-ops.
 """
 from __future__ import annotations
 
@@ -80,9 +80,13 @@ def broadcast_parameters(model: torch.nn.Module, ctx: DistributedContext) -> Non
             dist.broadcast(tensor, src=0)
 
 
+def _alone(group: Any) -> bool:
+    return not dist.is_initialized() or dist.get_world_size(group) == 1
+
+
 def average_gradients(model: torch.nn.Module, group: Any) -> None:
-    """Replace each gradient by its mean over `group`, in one flat all-reduce; None: one rank, nothing to do."""
-    if group is None:
+    """Replace each gradient by its mean over `group` (None: the world), in one flat all-reduce."""
+    if _alone(group):
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -97,8 +101,8 @@ def average_gradients(model: torch.nn.Module, group: Any) -> None:
 
 
 def mean_across_ranks(value: torch.Tensor, group: Any) -> float:
-    """The mean of a scalar over `group` (None: this rank's value), as a Python float (a host sync)."""
-    if group is None:
+    """The mean of a scalar over `group` (None: the world), as a Python float (a host sync)."""
+    if _alone(group):
         return float(value)
     total = value.detach().clone().float().reshape(1)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)

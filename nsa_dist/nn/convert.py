@@ -9,20 +9,21 @@ claimed module is looked at again. Built in:
   `NSATransformer` returns it unchanged. Its NSAConfig is fixed at construction (φ's parameter shapes
   follow `block_len`), so asking for a different one raises instead of silently keeping the old one.
 - "huggingface-llama": Hugging Face Llama-family attention (Llama, Mistral, Qwen2, Qwen3 and whatever
-  else has separate q/k/v/o projections and receives `position_embeddings`); see nsa_dist.hf.
+  else has separate q/k/v/o projections and receives `position_embeddings`); see nsa_dist.nn.hf.
 
 A new architecture comes in through `register_adapter(name, finds=..., replace=...)`.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
 
-from nsa_dist.layer import NSAConfig, SparseAttention
+from nsa_dist.nn.layer import NSAConfig, SparseAttention
 
 GATE_INITS = ("preserve", "uniform")
 # Sparse-branch gates at sigmoid(-10) = 4.5e-5 and the window gate at sigmoid(10) = 1 - 4.5e-5: on tiny
@@ -102,7 +103,8 @@ def registered_adapters() -> list[Adapter]:
 
 def convert_attention(model: nn.Module, nsa: NSAConfig | None = None, *,
                       match: str | Callable[[str, nn.Module], bool] | None = None,
-                      gate_init: str | tuple[float, float, float] | GateInit = "preserve") -> nn.Module:
+                      gate_init: str | tuple[float, float, float] | GateInit = "preserve",
+                      pretrained: str | os.PathLike | None = None) -> nn.Module:
     """Replace every attention module of `model` that an adapter recognises with NSA, in place.
 
     The replacement keeps the module's projections (same parameter names, so pretrained state dicts
@@ -126,13 +128,20 @@ def convert_attention(model: nn.Module, nsa: NSAConfig | None = None, *,
       output is halved and the sparse ones added), and every branch learns at full speed.
     - three biases `(compressed, selected, window)`: anything in between.
 
+    `pretrained`: the directory a converted Hugging Face model was saved into (`save_pretrained`, or
+    `python -m nsa_dist.export`), which `from_pretrained` has just loaded the rest from: its NSAConfig
+    (unless `nsa` is given) and its trained gates and φ come back, so the model computes what it
+    computed when saved.
+
     Raises ValueError when nothing in `model` is an attention module an adapter knows, listing the
     module types it saw; adapters raise for attention they cannot map. Returns `model` (or the
     replacement when `model` itself is an attention module).
     """
     gates = GateInit.resolve(gate_init)
-    if nsa is not None:
-        nsa.validate()
+    if pretrained is not None and nsa is None:
+        from nsa_dist.nn import hf
+
+        nsa = hf.saved_nsa_config(pretrained)
     selected = _name_filter(match)
     found: list[tuple[str, nn.Module, Adapter]] = []
     skipped: dict[str, list] = {}
@@ -169,6 +178,10 @@ def convert_attention(model: nn.Module, nsa: NSAConfig | None = None, *,
     for adapter in _adapters:
         if adapter.finish is not None and adapter.name in converted:
             adapter.finish(model, converted[adapter.name], skipped.get(adapter.name, []))
+    if pretrained is not None:
+        from nsa_dist.nn import hf
+
+        hf.load_nsa_weights(model, pretrained)
     return model
 
 
@@ -185,7 +198,7 @@ def _name_filter(match) -> Callable[[str, nn.Module], bool]:
 
 
 def _keep_nsa_layer(name: str, module: SparseAttention, nsa: NSAConfig | None, gates: GateInit) -> nn.Module:
-    if nsa is not None and nsa.validate() != module.config:
+    if nsa is not None and nsa != module.config:
         raise ValueError(f"{name or 'the model'} ({type(module).__name__}) is NSA already, built with {module.config}; "
                          f"convert_attention does not rebuild it with {nsa} (φ's shapes and the trained gates "
                          "follow its config). Build the model with the NSAConfig you want, or pass nsa=None")
@@ -193,7 +206,7 @@ def _keep_nsa_layer(name: str, module: SparseAttention, nsa: NSAConfig | None, g
 
 
 def _register_builtin_adapters():
-    from nsa_dist import hf
+    from nsa_dist.nn import hf
 
     register_adapter("huggingface-llama", finds=hf.is_llama_attention, replace=hf.convert_llama_attention,
                      finish=hf.finish_conversion)

@@ -17,17 +17,22 @@ transformers is imported only when a model is converted: it is an optional depen
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
+import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from nsa_dist.layer import NSAConfig, SparseAttention
-from nsa_dist.parallel import SequenceParallel, document_positions
+from nsa_dist.nn.layer import NSAConfig, SparseAttention
+from nsa_dist.parallel import SequenceParallel, document_positions, packed_cu_seqlens
 
 ATTENTION_IMPLEMENTATION = "nsa"
+NSA_CONFIG_KEY = "nsa_config"  # the converted model's NSAConfig, in its Hugging Face config
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 HEAD_NORMS = ("q_norm", "k_norm")
 
@@ -108,8 +113,8 @@ class HFSparseAttention(SparseAttention):
 
     Called as transformers calls attention: `forward(hidden_states, position_embeddings, attention_mask,
     ...) -> (output, None)`. `attention_mask` is not read: the model's input hook has refused anything a
-    mask would say that NSA does not (padding), and packed documents arrive as `cu_seqlens`. Under
-    sequence parallelism, `sp` (and `log`) arrive as keywords, as for every NSA layer (nsa_dist.parallelize).
+    mask would say that NSA does not (padding), and packed documents arrive as `cu_seqlens`. Sequence
+    parallelism is installed by nsa_dist.parallelize, as on every NSA layer.
     """
 
     def __init__(self, source: nn.Module, nsa: NSAConfig, gates, *, num_heads: int, num_kv_heads: int, rotate,
@@ -129,17 +134,16 @@ class HFSparseAttention(SparseAttention):
             self.gate.bias.copy_(torch.tensor(gates.biases[:self.num_branches]).repeat_interleave(num_heads))
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None, *,
-                position_ids=None, use_cache=None, past_key_values=None, cu_seqlens=None,
-                sp: SequenceParallel | None = None, log=None, **kwargs):
+                position_ids=None, use_cache=None, past_key_values=None, cu_seqlens=None, **kwargs):
         if cache is not None or past_key_values is not None or use_cache:
             raise NotImplementedError(
-                f"{self.source} is NSA now and keeps no KV cache, so generate() and use_cache=True decoding are not "
-                "supported; call the model with use_cache=False (the default after convert_attention)")
+                f"{self.source} is NSA now and keeps no KV cache: call it with use_cache=False (the default after "
+                "convert_attention; generate() then runs the whole forward for every new token)")
         if position_embeddings is None:
             raise ValueError(f"{self.source} needs position_embeddings=(cos, sin) from the model's rotary embedding")
         B, T, _ = hidden_states.shape
-        if sp is not None:
-            self._check_global_positions(position_ids, T, cu_seqlens, sp)
+        if self.sp is not None:
+            self._check_global_positions(position_ids, T, cu_seqlens, self.sp)
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -152,7 +156,7 @@ class HFSparseAttention(SparseAttention):
             raise ValueError(f"{self.source}: the rotary embedding covers {cos.shape[-1]} of {self.head_dim} head "
                              "dims; partial rotary embeddings need their own adapter")
         q, k = self.rotate(q, k, cos, sin, unsqueeze_dim=2)  # q, k are [B, T, heads, D]
-        o = super().forward(hidden_states, q, k, v, cu_seqlens=cu_seqlens, sp=sp, log=log)
+        o = super().forward(hidden_states, q, k, v, cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim)), None
 
     def _check_global_positions(self, position_ids, T, cu_seqlens, sp):
@@ -160,8 +164,8 @@ class HFSparseAttention(SparseAttention):
                                                                          plans=self.plans)
         if expected is None or not bool((position_ids == expected).all()):
             raise ValueError(f"{self.source} runs sequence-parallel, but the position_ids the rotary embedding used "
-                             "are not this rank's global positions: call nsa_dist.hf.supply_global_positions(model, "
-                             "sp) once after convert_attention (nsa_dist.parallelize does it for converted models)")
+                             "are not this rank's global positions: parallelize the whole model with nsa_dist.parallelize(model, sp), "
+                             "not its layers one by one")
 
 
 class ModelInputs:
@@ -171,7 +175,7 @@ class ModelInputs:
       documents instead (position_ids that restart at 0, or `cu_seqlens`).
     - one process: `position_ids` must be `0..T-1`, or (batch 1) restart at 0 at each packed document;
       the restarts become `cu_seqlens` for the NSA ops.
-    - sequence-parallel (`sp` set by `supply_global_positions`): the inputs are zigzag shards; the
+    - sequence-parallel (`sp` installed by nsa_dist.parallelize): the inputs are zigzag shards; the
       hook supplies the shard's global positions (per document with a global `cu_seqlens=` keyword)
       and refuses `position_ids` that are anything else. Packed documents are given as the global
       `cu_seqlens`, not as restarting position_ids, which a shard cannot see whole.
@@ -224,21 +228,6 @@ class ModelInputs:
         return kw
 
 
-def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document boundaries `[0, ..., T]` (int32) of HF-style packed `position_ids` `[1, T]` that restart
-    at 0 at each document; None when they hold one document per row."""
-    ids = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-    starts = (ids == 0).sum(-1)
-    if bool(starts.le(1).all()):
-        return None
-    if ids.shape[0] != 1:
-        raise ValueError(f"position_ids restart inside a row of a batch of {ids.shape[0]}: NSA packs documents "
-                         "into one row; concatenate them into a batch of 1")
-    first = torch.nonzero(ids[0] == 0).flatten()
-    end = torch.tensor([ids.shape[1]], device=ids.device)
-    return torch.cat([first, end]).to(torch.int32)
-
-
 def input_hooks(model: nn.Module) -> list[ModelInputs]:
     """The input hooks of the converted base models in `model` (kept with the modules, so a deep copy
     of a converted model has its own)."""
@@ -252,9 +241,17 @@ def finish_conversion(model: nn.Module, converted: list, skipped: list):
     AttentionInterface.register(ATTENTION_IMPLEMENTATION, _unconverted_attention)
     configs = {id(old.config): old.config for _, old, _ in converted if getattr(old, "config", None) is not None}
     for config in configs.values():
+        config = _own_config(model, config)  # the caller's config object stays as it was, for other models
         config.use_cache = False
+        # save_pretrained writes it into config.json: what convert_attention(model, pretrained=dir) rebuilds
+        setattr(config, NSA_CONFIG_KEY, dataclasses.asdict(converted[0][2].config))
         if not skipped:  # unconverted dense layers still need the mask transformers builds for them
             config._attn_implementation = ATTENTION_IMPLEMENTATION
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        # generate() then runs the full forward for each new token: NSA keeps no KV cache (see forward)
+        model.generation_config = copy.deepcopy(generation_config)
+        model.generation_config.use_cache = False
     for name, _, new in converted:
         base = _base_model(model, name)
         if base is None:
@@ -266,6 +263,15 @@ def finish_conversion(model: nn.Module, converted: list, skipped: list):
             hook = ModelInputs(base)
             base.register_forward_pre_hook(hook, with_kwargs=True)
         hook.dense_layers = sorted({*hook.dense_layers, *(n for n, _ in skipped if n.startswith(_prefix(model, base)))})
+
+
+def _own_config(model: nn.Module, config):
+    """A copy of `config` that every module of `model` holding `config` now holds instead."""
+    own = copy.deepcopy(config)
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = own
+    return own
 
 
 def _base_model(model: nn.Module, name: str) -> nn.Module | None:
@@ -295,10 +301,9 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def supply_global_positions(model: nn.Module, sp: SequenceParallel | None) -> nn.Module:
-    """Make the converted HF `model` take zigzag shards (nsa_dist.parallel.shard) over `sp`: its input
-    hook then hands the rotary embedding each shard's global positions (per document with a global
-    `cu_seqlens=`). `sp=None` returns it to one process. Each NSA layer still needs `sp` itself, which
-    nsa_dist.parallelize passes. Returns `model`."""
+    """nsa_dist.parallelize's step for a converted HF `model`: its input hook then takes zigzag shards
+    (nsa_dist.parallel.shard) over `sp` and hands the rotary embedding each shard's global positions (per
+    document with a global `cu_seqlens=`); `sp=None` returns it to one process. Returns `model`."""
     hooks = input_hooks(model)
     if not hooks:
         raise ValueError(f"{type(model).__name__} was not converted by nsa_dist.convert_attention with the "
@@ -310,3 +315,36 @@ def supply_global_positions(model: nn.Module, sp: SequenceParallel | None) -> nn
     for hook in hooks:
         hook.sp = sp
     return model
+
+
+def saved_nsa_config(directory: str | Path) -> NSAConfig:
+    """The NSAConfig a converted model was saved with (`save_pretrained` into `directory`)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pretrained= takes the directory a converted model was "
+                                "saved into (save_pretrained, or python -m nsa_dist.export)")
+    values = json.loads(path.read_text()).get(NSA_CONFIG_KEY)
+    if values is None:
+        raise ValueError(f"{path} has no {NSA_CONFIG_KEY}: that model was saved before convert_attention; convert "
+                         "it without pretrained= (its NSA parameters start fresh), or pass the NSAConfig")
+    return NSAConfig(**values)
+
+
+def load_nsa_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load the NSA parameters (gates, φ) of a converted `model` from the safetensors files of `directory`,
+    where `save_pretrained` of a converted model wrote them beside the rest; every one must be there."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    own = {name for name, module in model.named_modules() if isinstance(module, HFSparseAttention)}
+    wanted = {f"{layer}.{name}" for layer in own for name, _ in
+              model.get_submodule(layer).named_parameters() if name.startswith(("gate.", "compress_"))}
+    found = {}
+    for file in files:
+        found.update({k: v for k, v in load_file(str(file)).items() if k in wanted})
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"{directory} holds no weights for {len(missing)} NSA parameters (e.g. {missing[0]}): it was "
+                         "not saved from a converted model; convert without pretrained= to start them fresh")
+    model.load_state_dict(found, strict=False)
+

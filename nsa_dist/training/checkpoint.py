@@ -19,9 +19,9 @@ previous finished checkpoint when the newest is damaged, and refuses a resume in
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -32,35 +32,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nsa_dist.training.files import (CheckpointError, DamagedCheckpointError, deepspeed_globals, load_file,
+                                     save_atomically)
+
+from nsa_dist.nn.build import build_model
+from nsa_dist.nn.layer import NSAConfig
+from nsa_dist.nn.model import ModelConfig
+
 if TYPE_CHECKING:
-    from nsa_dist.engine import TrainEngine
+    from nsa_dist.training.engine import TrainEngine
     from nsa_dist.parallel import Mesh
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _COMPLETE = "COMPLETE"
-# The config sections a checkpoint carries and compares on resume. The mesh (parallel.dp/sp) is
+# The config sections a checkpoint carries and compares on resume. The mesh (parallel.dp_size/sp) is
 # compared as built, since dp=null and dp=2 can name the same mesh.
 CONFIG_SECTIONS = ("model", "nsa", "data", "parallel")
-_MESH_KEYS = ("parallel.dp", "parallel.sp")
+_MESH_KEYS = ("parallel.dp_size", "parallel.sp_size")
 # Keys a resume may change on purpose (trainer.resume_accept): none of them changes a parameter's shape
 # or what a rank's saved state means. data.* is accepted as a whole section.
 ACCEPTABLE_CHANGES = ("data.*", "nsa.stride", "nsa.top_n", "nsa.num_init", "nsa.num_local", "nsa.backend",
                       "model.rope_theta", "model.norm_eps", "parallel.exchange", "parallel.fallback",
                       "parallel.check_inputs")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: damaged, unsafe, or written by another config."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    pass
-
-
-class DamagedCheckpointError(CheckpointError):
-    pass
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -98,37 +93,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Plain-data classes DeepSpeed's optimizer files pickle (its ZeRO partitions' bookkeeping); allowed for the
-# files under deepspeed/ only, beside what weights_only=True allows everywhere.
-_DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                      ("deepspeed.utils.tensor_fragment", "fragment_address"))
-
-
-def _deepspeed_globals() -> list:
-    import importlib
-
-    return [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_GLOBALS]
-
-
-def load_file(path: Path, *, map_location: str = "cpu", mmap: bool = False, allowed: list = ()) -> Any:
-    """`torch.load(path, weights_only=True)`, naming the file when it is refused or cannot be read."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(Unsupported global: [^\n]*?)(?: was not|\.?\n|$)", str(e))
-        reason = found.group(1) if found else str(e).strip().splitlines()[0]
-        raise UnsafeCheckpointError(f"{path} holds more than tensors and plain values ({reason}); refused unread: "
-                                    "delete that checkpoint or set trainer.resume=never") from e
-    except FileNotFoundError as e:
-        raise DamagedCheckpointError(f"{path} is missing") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise DamagedCheckpointError(f"{path} is damaged or truncated ({reason})") from e
-
-
 def verify_checkpoint(path: Path) -> None:
     """Every file of a finished checkpoint opens with weights_only=True (memory-mapped: the pickles and
     the zip directories are read, the tensor bytes are not)."""
@@ -138,7 +102,7 @@ def verify_checkpoint(path: Path) -> None:
         raise DamagedCheckpointError(f"{path / 'trainer.pt'} is missing")
     for file in files:
         deepspeed_file = file.relative_to(path).parts[0] == "deepspeed"
-        load_file(file, mmap=True, allowed=_deepspeed_globals() if deepspeed_file else ())
+        load_file(file, mmap=True, allowed=deepspeed_globals() if deepspeed_file else ())
 
 
 def assert_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
@@ -227,11 +191,58 @@ def restore_rng_state(path: Path) -> None:
     set_rng_state(load_file(Path(path) / f"rng_rank{_rank()}.pt"))
 
 
-def save_atomically(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename, so `path` is never half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def checkpoint_root(trainer, run_dir: Path) -> Path:
+    """Where a run's checkpoints go: `trainer.checkpoint_dir`, or `checkpoints/` in the run directory."""
+    return Path(trainer.checkpoint_dir).expanduser() if trainer.checkpoint_dir else Path(run_dir) / "checkpoints"
+
+
+def save_final(path: Path, model_state: dict, *, step: int, config: dict, extra: dict | None = None) -> Path:
+    """A trainer's `final.pt`: the whole model's weights, the step and the run config it was trained with
+    (`extra`: what else the plain torch path keeps, its optimizer and data state). Refuses non-finite
+    weights; written atomically."""
+    assert_finite(model_state.items(), str(path))
+    save_atomically({"model": model_state, "step": step, "config": config, **(extra or {})}, Path(path))
+    return Path(path)
+
+
+def load_final(path: str | os.PathLike) -> dict:
+    """The state of a trainer's `final.pt`, read with weights_only=True; raises naming the file when it is
+    damaged or not a final.pt."""
+    path = Path(path)
+    state = load_file(path)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        held = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a trainer's final.pt: it holds {held}, not 'model' and 'config'")
+    return state
+
+
+def saved_section(config: dict, section: str, cls, **changes):
+    """Section `section` of a saved run config as dataclass `cls` (with `changes`); settings this version
+    does not know (a newer or older config) are named and left out."""
+    values = {**config[section], **changes}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        log.warning("ignoring %s settings this version does not know: %s", section, ", ".join(unknown))
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def model_from_config(config: dict, *, backend: str | None = None) -> torch.nn.Module:
+    """The model a saved run config's `model` and `nsa` sections describe (nsa_dist.nn.build.build_model);
+    `backend` replaces its nsa.backend."""
+    return build_model(saved_section(config, "model", ModelConfig),
+                       saved_section(config, "nsa", NSAConfig, **({"backend": backend} if backend else {})))
+
+
+def load_final_model(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                     backend: str | None = None) -> tuple[torch.nn.Module, dict, int | None]:
+    """The model of a trainer's `final.pt` in eval mode on `device`, its run config, and its step.
+
+    `backend` replaces the run's nsa.backend (e.g. "torch" to evaluate a GPU run on CPU)."""
+    state = load_final(path)
+    model = model_from_config(state["config"], backend=backend)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state["config"], state.get("step")
 
 
 def checkpoint_to_resume(resume: str, checkpoints: CheckpointDir) -> Path | None:
@@ -310,7 +321,7 @@ class TrainerCheckpoints:
             # Each data-parallel replica is at its own place in its own stream.
             torch.save(self.source.state_dict(), directory / f"data_rank{self.mesh.rank}.pt")
 
-        return self.dir.save(step, write, {"mesh": [self.mesh.dp, self.mesh.sp], "config": self.config})
+        return self.dir.save(step, write, {"mesh": [self.mesh.dp_size, self.mesh.sp_size], "config": self.config})
 
     def resume(self, resume: str) -> tuple[int, Path | None]:
         """Restore what `trainer.resume` names; the step to start from and the checkpoint (None: fresh)."""
@@ -335,10 +346,10 @@ class TrainerCheckpoints:
     def restore(self, path: Path) -> int:
         """Load `path`; returns its step, the number of steps already taken."""
         state = load_trainer_state(path, restore_rng=False)
-        mesh = [self.mesh.dp, self.mesh.sp]
+        mesh = [self.mesh.dp_size, self.mesh.sp_size]
         if list(state.get("mesh", [])) != mesh:
             raise ValueError(f"{path} was written by a dp x sp = {state.get('mesh')} mesh, this job has "
-                             f"{mesh}: resume with the same parallel.dp / parallel.sp")
+                             f"{mesh}: resume with the same parallel.dp_size / parallel.sp_size")
         if self.config and "config" in state:
             compare_config(state["config"], self.config, accept=self.accept, path=path)
         elif self.config:

@@ -1,5 +1,5 @@
 """A small LLaMA-style decoder whose attention is NSA (or, as the baseline, dense): RMSNorm, RoPE on global
-positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.models.build_model)."""
+positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.nn.build.build_model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from nsa_dist.convert import GATE_INITS
-from nsa_dist.layer import DenseAttention, NativeSparseAttention, NSAConfig
+from nsa_dist.nn.convert import GATE_INITS
+from nsa_dist.nn.layer import DenseAttention, NativeSparseAttention, NSAConfig
 
 MODEL_KINDS = ("nsa", "hf_llama")
 ATTENTIONS = ("nsa", "dense")
@@ -43,6 +42,9 @@ class ModelConfig:
         if self.intermediate_size is not None:
             return self.intermediate_size
         return -(-8 * self.hidden_size // 3 // 64) * 64
+
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -90,36 +92,31 @@ class DecoderLayer(nn.Module):
             self.attn = DenseAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                        rope_theta=config.rope_theta)
         else:
-            self.attn = NativeSparseAttention.from_config(config.hidden_size, config.num_heads, config.num_kv_heads,
-                                                          config.head_dim, nsa, rope_theta=config.rope_theta)
+            self.attn = NativeSparseAttention(config.hidden_size, config.num_heads, config.num_kv_heads,
+                                              config.head_dim, nsa, rope_theta=config.rope_theta)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_size)
 
-    def forward(self, x, **attn_kwargs):
-        x = x + self.attn(self.attn_norm(x), **attn_kwargs)
+    def forward(self, x, *, cu_seqlens=None):
+        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class NSATransformer(nn.Module):
-    """`model(tokens [B, T]) -> logits [B, T, vocab]`; keyword arguments go to every attention layer.
+    """`model(tokens [B, T], cu_seqlens=None) -> logits [B, T, vocab]`; `cu_seqlens` packs documents (B == 1).
 
     Its attention is NSA, or `DenseAttention` with `config.attention="dense"` (which reads no NSAConfig).
 
-    With `sp=SequenceParallel(...)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
-    and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global, and
-    `log=ExchangeLog()` collects each layer's byte counts.
-    With `activation_checkpointing`, training keeps only each layer's input and recomputes the layer
-    in the backward (its exchanges included: every rank recomputes the same layers in the same order).
+    After `nsa_dist.parallelize(model, sp)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
+    and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global.
     """
-
-    activation_checkpointing: bool = False
 
     def __init__(self, config: ModelConfig, nsa: NSAConfig = NSAConfig()):
         super().__init__()
-        self.config = config.validate()
+        self.config = config
         if config.kind != "nsa":
             raise ValueError(f"NSATransformer is model.kind=nsa; kind={config.kind} is built by nsa_dist.build_model")
-        self.nsa = nsa.validate()
+        self.nsa = nsa
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, nsa) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -139,13 +136,10 @@ class NSATransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, *, sp=None, **attn_kwargs) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
         x = self.embed(tokens)  # (B, T, hidden)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False, sp=sp, **attn_kwargs)
-            else:
-                x = layer(x, sp=sp, **attn_kwargs)
+            x = layer(x, cu_seqlens=cu_seqlens)
         return self.lm_head(self.norm(x))

@@ -9,16 +9,16 @@
   gate_init=model_cfg.gate_init)`; with `attention="dense"` HF's own SDPA attention stays, on one
   process per sequence only (`parallelize` refuses to shard it).
 
-Either way `forward(tokens [B, T]) -> logits [B, T, vocab]`; `nsa_dist.parallelize` comes next.
+Either way `forward(tokens [B, T]) -> logits [B, T, vocab]`; `nsa_dist.nn.parallelize` comes next.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from nsa_dist.convert import convert_attention
-from nsa_dist.layer import NSAConfig
-from nsa_dist.model import ModelConfig, NSATransformer
+from nsa_dist.nn.convert import convert_attention
+from nsa_dist.nn.layer import NSAConfig
+from nsa_dist.nn.model import ModelConfig, NSATransformer
 
 # ModelConfig field -> LlamaConfig attribute; rope_theta and intermediate_size are read separately
 LLAMA_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
@@ -28,7 +28,6 @@ LLAMA_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_l
 
 def build_model(model_cfg: ModelConfig, nsa: NSAConfig) -> nn.Module:
     """The model `model_cfg` describes, its attention NSA (with `nsa`) or dense; see the module docstring."""
-    model_cfg.validate()
     if model_cfg.kind == "nsa":
         model = NSATransformer(model_cfg, nsa)
         return model if model_cfg.attention == "dense" else convert_attention(model, nsa)

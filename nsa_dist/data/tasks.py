@@ -17,7 +17,7 @@ Each yields `nsa_dist.data.Batch` like `PasskeyTask` (targets are inputs shifted
 for every answer, the input position of the token it copies (`targets == inputs[sources]` there,
 -1 elsewhere), so an evaluation can ask whether the block holding it was selected.
 
-`build_task` makes either from a `DataConfig` (`data=mqar`, `data=needle`; nsa_dist.data.build_source
+`build_task` makes either from a `DataConfig` (`data=mqar`, `data=needle`; nsa_dist.data.sources.build_source
 calls it), and `check_task_config` refuses settings it cannot make, naming the data.* key.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nsa_dist.data import Batch, _split as _windows_to_batch
+from nsa_dist.data.batch import Batch, SeededStream, windows_to_batch
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _spaced_starts(generator: torch.Generator, rows: int, region: int, count: in
     return chosen + torch.arange(count) * (length - 1)
 
 
-def _split(windows: torch.Tensor, answer_targets: torch.Tensor, sources: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+def _task_batch(windows: torch.Tensor, answer_targets: torch.Tensor, sources: torch.Tensor) -> tuple[Batch, torch.Tensor]:
     """Cut `[B, T + 1]` windows into a Batch; `answer_targets`/`sources` index window positions of answers."""
     B, T = windows.shape[0], windows.shape[1] - 1
     rows = torch.arange(B)[:, None]
@@ -83,25 +83,17 @@ def _split(windows: torch.Tensor, answer_targets: torch.Tensor, sources: torch.T
     mask[rows, answer_targets - 1] = True  # the target at index t is window token t + 1
     source_map = torch.full((B, T), -1, dtype=torch.int64)
     source_map[rows, answer_targets - 1] = sources
-    return _windows_to_batch(windows, mask), source_map
+    return windows_to_batch(windows, mask), source_map
 
 
-class _GeneratedTask:
-    """The stream interface every in-process task shares with `PasskeyTask`."""
-
-    generator: torch.Generator
+class _GeneratedTask(SeededStream):
+    """A retrieval task: a batch, and where each answer's source token sits."""
 
     def sample(self, batch_size: int) -> Batch:
         return self.sample_with_sources(batch_size)[0]
 
     def sample_with_sources(self, batch_size: int) -> tuple[Batch, torch.Tensor]:
         raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 class MQARTask(_GeneratedTask):
@@ -146,7 +138,7 @@ class MQARTask(_GeneratedTask):
         query_at = self.context + 2 * torch.arange(Q)
         windows[:, query_at] = keys.gather(1, asked)
         windows[:, query_at + 1] = values.gather(1, asked)
-        return _split(windows, (query_at + 1).expand(B, Q), starts.gather(1, asked) + 1)
+        return _task_batch(windows, (query_at + 1).expand(B, Q), starts.gather(1, asked) + 1)
 
 
 class NeedleTask(_GeneratedTask):
@@ -222,7 +214,7 @@ class NeedleTask(_GeneratedTask):
                 windows[b, s:s + L] = needles[b, i]
         windows[:, self.context:] = needles[:, 0]
         answers = self.context + K + torch.arange(V)
-        return _split(windows, answers.expand(B, V), needle_at[:, None] + K + torch.arange(V))
+        return _task_batch(windows, answers.expand(B, V), needle_at[:, None] + K + torch.arange(V))
 
 
 def recall_answers(inputs: torch.Tensor, answer_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -271,7 +263,7 @@ ANSWERED_KINDS = ("passkey",) + RETRIEVAL_KINDS  # the data kinds whose batches 
 
 
 def build_task(cfg, *, vocab_size: int, generator: torch.Generator) -> MQARTask | NeedleTask:
-    """The task `data=mqar|needle` describes (`cfg` a `nsa_dist.data.DataConfig`), over `vocab_size` ids."""
+    """The task `data=mqar|needle` describes (`cfg` a `nsa_dist.data.sources.DataConfig`), over `vocab_size` ids."""
     try:
         layout = TokenLayout(vocab_size=vocab_size, filler_vocab=cfg.filler_vocab, key_vocab=cfg.key_vocab,
                              value_vocab=cfg.value_vocab)

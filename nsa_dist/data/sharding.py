@@ -1,4 +1,4 @@
-"""A causal LM's batch and loss when its sequence is sharded: `shard_batch` and `causal_lm_loss`.
+"""A causal LM's batch when its sequence is sharded: `shard_batch` (its loss: nsa_dist.training.loss.causal_lm_loss).
 
 Labels are shifted on the full sequence, before sharding: the last token of a rank's chunk predicts
 the first token of the next chunk, which another rank holds. After the shift each token's label
@@ -17,12 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from nsa_dist.data import Batch
-from nsa_dist.parallel import SequenceParallel, shard
-from nsa_dist.parallel.collectives import collective_device
+from nsa_dist.data.batch import Batch
+from nsa_dist.parallel import SequenceParallel, packed_cu_seqlens, shard
 
 IGNORE_INDEX = -100
 
@@ -69,8 +66,6 @@ def shard_batch(batch, sp: SequenceParallel | None, *, ignore_index: int = IGNOR
 
 
 def _shard_dict(batch: dict, sp: SequenceParallel | None, ignore_index: int) -> dict:
-    from nsa_dist.hf import packed_cu_seqlens
-
     if "input_ids" not in batch:
         raise ValueError(f"shard_batch needs input_ids in the batch, got {', '.join(batch) or 'nothing'}")
     input_ids = batch["input_ids"]
@@ -88,29 +83,3 @@ def _shard_dict(batch: dict, sp: SequenceParallel | None, ignore_index: int) -> 
         batch["cu_seqlens"] = cu
     return {k: shard(v, sp) if isinstance(v, torch.Tensor) and k != "cu_seqlens" and tuple(v.shape[:2]) == rows
             else v for k, v in batch.items()}
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None = None, *,
-                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean cross-entropy over every labelled token of the replica, from this rank's `logits [B, T, V]`
-    and shifted `labels [B, T]` (`shard_batch`); tokens labelled `ignore_index` do not count.
-
-    With `sp`, the count of labelled tokens (and the loss sum, for the value) is all-reduced over the
-    sp group. The value is the replica's loss, the same on every rank; the gradient is this rank's
-    share, so the gradients summed over the sp group are the single-process ones. An engine that
-    averages gradients over every rank of the sp group (DDP, DeepSpeed, nsa_dist's engines, which
-    average over dp x sp) needs the loss times `sp.size`.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up: both are "
-                         "this rank's shard, labels shifted (nsa_dist.shard_batch)")
-    local = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
-                            reduction="sum")
-    count = (labels != ignore_index).sum()
-    if sp is None:
-        return local / count.clamp_min(1)
-    totals = torch.stack([local.detach().double(), count.double()]).to(collective_device(sp.group))
-    dist.all_reduce(totals, group=sp.group)
-    total_loss, total_count = totals.to(local.device).unbind()
-    # value: the replica's sum; gradient: only this rank's terms reach its logits
-    return (local + (total_loss - local.detach()).to(local.dtype)) / total_count.clamp_min(1).to(local.dtype)

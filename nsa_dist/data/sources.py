@@ -20,8 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nsa_dist.data.batch import Batch, SeededStream, windows_to_batch
+from nsa_dist.data.tasks import build_task, check_task_config
+
 DATA_KINDS = ("passkey", "text", "tokens", "mqar", "needle")
+BYTE_KINDS = ("passkey", "text")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+# Eval batches come from their own stream (seed + this offset), so they never repeat a training batch.
+EVAL_SEED_OFFSET = 1_000_003
 # Token files are scanned this many ids at a time, so the check holds any file in bounded memory.
 SCAN_CHUNK = 1 << 24
 
@@ -33,7 +39,7 @@ class DataConfig:
     path: str | None = None
     token_dtype: str = "uint16"
     passkey_digits: int = 5
-    # mqar and needle (nsa_dist.tasks): noise, key and value ids in model.vocab_size, then each task's shape
+    # mqar and needle (nsa_dist.data.tasks): noise, key and value ids in model.vocab_size, then each task's shape
     filler_vocab: int = 64
     key_vocab: int = 96
     value_vocab: int = 96
@@ -47,6 +53,9 @@ class DataConfig:
     depth_min: float = 0.0  # needle: where it sits, drawn uniformly per window (0: first, 1: last)
     depth_max: float = 1.0
     loss_on: str = "all"  # all | answers: which targets the training loss averages over
+
+    def __post_init__(self):
+        self.validate()  # built means valid: no later reader validates again
 
     def validate(self) -> "DataConfig":
         if self.kind not in DATA_KINDS:
@@ -68,28 +77,11 @@ class DataConfig:
             if self.seq_len + 1 < shortest:
                 raise ValueError(f"data.seq_len={self.seq_len} cannot hold the passkey needle and question "
                                  f"({shortest} bytes with {self.passkey_digits} digits): raise data.seq_len")
-        from nsa_dist.tasks import check_task_config  # tasks builds on this module's Batch
-
         check_task_config(self)
         return self
 
 
-@dataclass(frozen=True)
-class Batch:
-    inputs: torch.Tensor  # [B, T] int64
-    targets: torch.Tensor  # [B, T] int64, inputs shifted left by one
-    answer_mask: torch.Tensor | None = None  # [B, T] bool, targets that are answer bytes
-
-    def to(self, device) -> "Batch":
-        mask = None if self.answer_mask is None else self.answer_mask.to(device, non_blocking=True)
-        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), mask)
-
-
-def _split(windows: torch.Tensor, answer_mask: torch.Tensor | None = None) -> Batch:
-    return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), answer_mask)
-
-
-class WindowSampler:
+class WindowSampler(SeededStream):
     """Uniformly random windows of `seq_len + 1` tokens from a memory-mapped token array."""
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, vocab_size: int, generator: torch.Generator,
@@ -111,13 +103,7 @@ class WindowSampler:
         if top >= self.vocab_size:
             raise ValueError(f"{self.source} holds token id {top}, outside model.vocab_size={self.vocab_size}: "
                              f"raise model.vocab_size or check data.token_dtype")
-        return _split(windows)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        return windows_to_batch(windows)
 
 
 FILLER_SENTENCES = (
@@ -132,7 +118,7 @@ FILLER_SENTENCES = (
 )
 
 
-class PasskeyTask:
+class PasskeyTask(SeededStream):
     """Needle-in-a-haystack retrieval, generated in process.
 
     A window reads `<filler> The passkey is 48213. <filler> What is the passkey? The passkey is 48213`:
@@ -178,13 +164,7 @@ class PasskeyTask:
         windows = torch.tensor([list(self._window()) for _ in range(batch_size)], dtype=torch.int64)  # (B, T + 1)
         answer_mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
         answer_mask[:, -self.digits:] = True
-        return _split(windows, answer_mask)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        return windows_to_batch(windows, answer_mask)
 
 
 def load_token_file(path: str | Path, dtype: str) -> np.ndarray:
@@ -229,16 +209,18 @@ def check_token_file(path: str | Path, dtype: str, *, vocab_size: int) -> str:
     return f"{where}: {len(tokens)} {dtype} tokens, ids 0..{top} < model.vocab_size={vocab_size}"
 
 
+def check_vocab_size(kind: str, vocab_size: int) -> None:
+    """The byte-level kinds (passkey, text) need every byte value as a token id."""
+    if kind in BYTE_KINDS and vocab_size < 256:
+        raise ValueError(f"data={kind} is byte-level: model.vocab_size must be at least 256, got {vocab_size}")
+
+
 def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator) -> WindowSampler | PasskeyTask:
     """The batch source `cfg` describes, drawing its randomness from `generator`."""
-    cfg.validate()
+    check_vocab_size(cfg.kind, vocab_size)
     if cfg.kind == "passkey":
-        if vocab_size < 256:
-            raise ValueError(f"data=passkey is byte-level: model.vocab_size must be at least 256, got {vocab_size}")
         return PasskeyTask(seq_len=cfg.seq_len, digits=cfg.passkey_digits, generator=generator)
     if cfg.kind in ("mqar", "needle"):
-        from nsa_dist.tasks import build_task
-
         return build_task(cfg, vocab_size=vocab_size, generator=generator)
     dtype = "uint8" if cfg.kind == "text" else cfg.token_dtype
     tokens = load_token_file(cfg.path, dtype)

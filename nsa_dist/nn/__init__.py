@@ -1,0 +1,1 @@
+"""The model: the NSA layer, the decoder, converting a model to NSA, and parallelizing it."""
