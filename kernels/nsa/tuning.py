@@ -87,6 +87,9 @@ class Tuning:
 # Top-n: 8-16 scores per thread keep it near 64 registers (32 per thread took 156); select 14.0 ms
 # at 1024,4, 14.2 at 2048,4, 14.6 at 4096,4. Selection fwd+bwd: 59.6 ms at 3 stages, 60.6 at 2
 # (at least 16 rows: the smallest MMA tile); dK/dV rows 32 61.0 ms, 16 65.0, 64 (8 warps) 77.4.
+# sel_own 0.75 and sel_items 4096 (the former 256 tiles of 16 rows) are not yet measured with the own loop and
+# the query-listed dK/dV: 0.75 lies between the 4-query union share of trained routers (21-30 of 64) and
+# random routing's (~51 of 64 at 64k). bench/tune_selection.py times the alternatives and sel_groups entries.
 SM90 = Tuning(
     dense_fwd=DenseTile(128, 64, 8, 3), dense_fwd_wide=DenseTile(64, 32, 8, 2),
     dense_dq=DenseTile(64, 64, 4, 2), dense_dq_wide=DenseTile(64, 32, 8, 1),
