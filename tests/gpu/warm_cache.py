@@ -55,8 +55,11 @@ def run(case):
 
 
 if __name__ == "__main__":
+    # optional arguments HQ/H/D (e.g. 32/8/64) keep only those cases
+    wanted = set(sys.argv[1:])
+    cases = [c for c in CASES if not wanted or f"{c[0]}/{c[1]}/{c[2]}" in wanted]
     t0 = time.time()
-    with mp.get_context("spawn").Pool(min(len(CASES), 14)) as pool:
-        for case in pool.imap_unordered(run, CASES):
+    with mp.get_context("spawn").Pool(max(1, min(len(cases), 14))) as pool:
+        for case in pool.imap_unordered(run, cases):
             print(f"compiled {case[:5]} at {time.time() - t0:.0f}s", flush=True)
     sys.exit(0)
