@@ -2,6 +2,7 @@
 
     python bench/kernels.py --out kernels.json                 # everything, T = 8k..128k
     python bench/kernels.py --T 8k,64k --rows paper,cudnn      # a partial run
+    python bench/kernels.py --rows "" --shapes llama8b,qwen7b --shape-T 64k --routing rand,trained --peers .peers
 
 Rows (B = 1, D = 128, bf16, causal; median ms of `triton.testing.do_bench`, fwd and fwd+bwd):
   paper      nsa_dist, the paper's NSA: l=32, d=16, l'=64, n=16, w=512, HQ=64, H=4
@@ -11,6 +12,13 @@ Rows (B = 1, D = 128, bf16, causal; median ms of `triton.testing.do_bench`, fwd 
   nsa_fla    nsa_dist in fla's configuration: l = d = l' = 64, n=16, window 0
   paper_g4 / cudnn_g4   HQ=16, H=4 (G=4);   paper_g1 / cudnn_g1   HQ=4, H=4 (G=1)
   parts      nsa_dist's ops one at a time in the paper configuration (where the time goes)
+  --shapes   model shapes (heads / KV heads, head dim; paper's l, d, l', n, w), each at --shape-T (paper
+             also at --paper-extra-T): `core:<shape>` nsa_dist's NSA core against `cudnn:<shape>`, and
+             `sel:<shape>:<routing>` selected attention alone at --sel-T on the block ids of each
+             --routing (bench/routing.py: rand, blk, trained)
+             llama1b 32/8 d64, llama8b 32/8 d128, qwen7b 28/4 d128, paper 64/4 d128
+  --peers DIR  the same rows for mdy666's flash_nsa and FSA staged in DIR (bench/peer_rows.py):
+             `mdy666:<shape>`, `mdy666:sel:<shape>:<routing>`, likewise `fsa:...`, with the same inputs
   --profile  GPU time per kernel of the paper layer's fwd+bwd (torch.profiler), per iteration
   --tune     each entry of the kernels' tuning table (kernels/nsa/tuning.py) at its candidates in
              turn, the others at their defaults, through `tuning.override` (no environment variables)
@@ -30,6 +38,8 @@ ROWS = ("paper", "cudnn", "flash", "fla", "nsa_fla", "paper_g4", "cudnn_g4", "pa
 PAPER = dict(block_len=32, stride=16, select_size=64, top_n=16, window=512)
 FLA = dict(block_len=64, stride=64, select_size=64, top_n=16, window=0)
 HEADS = {"": (64, 4), "_g4": (16, 4), "_g1": (4, 4)}
+SHAPES = {"llama1b": (32, 8, 64), "llama8b": (32, 8, 128), "qwen7b": (28, 4, 128), "paper": (64, 4, 128)}
+PEERS = ("mdy666", "fsa")
 
 
 def parse_T(s: str) -> list[int]:
@@ -46,12 +56,16 @@ def timed(fn, leaves, warmup, rep):
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=leaves, return_mode="median")
 
 
-def nsa_case(T, HQ, H, cfg, device):
+def qkv(T, HQ, H, D, device, seed):
+    """bf16 leaves q `[1, T, HQ, D]`, k, v `[1, T, H, D]`, the same for every implementation of a row group."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(1, T, heads, D, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+            for heads in (HQ, H, H)]
+
+
+def nsa_case(T, HQ, H, cfg, device, D=128, leaves=None):
     from nsa_dist.kernels import nsa_attention
-    D = 128
-    q = torch.randn(1, T, HQ, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = leaves or qkv(T, HQ, H, D, device, seed=T)
     gates = [torch.rand(1, T, HQ, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     leaves = [q, k, v] + gates
     l, d = cfg["block_len"], cfg["stride"]
@@ -64,9 +78,8 @@ def nsa_case(T, HQ, H, cfg, device):
     return fwd, leaves
 
 
-def sdpa_case(T, HQ, H, backend, device):
+def sdpa_case(T, HQ, H, backend, device, D=128):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    D = 128
     q = torch.randn(1, HQ, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, H, T, D, device=device, dtype=torch.bfloat16)
     v = torch.randn(1, H, T, D, device=device, dtype=torch.bfloat16)
@@ -217,7 +230,70 @@ def measure(fwd, leaves, args):
     return t_fwd, timed(fwd_bwd, leaves, args.warmup, args.rep)
 
 
+def attempt(row, T, make, args, **extra):
+    """A timed row from `make() -> (fwd, leaves, note)`; a failure becomes a "skipped" row."""
+    try:
+        fwd, leaves, note = make()
+        t_fwd, t_fb = measure(fwd, leaves, args)
+        return dict(row=row, T=T, **extra, fwd_ms=t_fwd, fwdbwd_ms=t_fb, **({"note": note} if note else {}))
+    except torch.OutOfMemoryError as e:
+        return dict(row=row, T=T, **extra, note=f"skipped: out of memory ({str(e).splitlines()[0][:120]})")
+    except Exception as e:  # a peer that does not run on this card, an unsupported size: record and go on
+        return dict(row=row, T=T, **extra, note=f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+
+
+def shape_rows(shape, T, args, device):
+    """nsa_dist's NSA core on a model's heads against cuDNN and each peer, the same q, k, v for all."""
+    import peer_rows
+    HQ, H, D = SHAPES[shape]
+    leaves = qkv(T, HQ, H, D, device, seed=T + HQ + D)
+    extra = dict(HQ=HQ, H=H, D=D)
+    out = [attempt(f"core:{shape}", T, lambda: (*nsa_case(T, HQ, H, PAPER, device, D=D, leaves=leaves), ""), args, **extra),
+           attempt(f"cudnn:{shape}", T, lambda: (*sdpa_case(T, HQ, H, "cudnn", device, D=D), ""), args, **extra)]
+    for peer in PEERS if args.peers else ():
+        def make():
+            weights = torch.randn(1, T, HQ, 3, device=device, dtype=torch.bfloat16, requires_grad=True)
+            fwd, note = peer_rows.core_case(args.peers, peer, *leaves, weights)
+            return fwd, leaves + [weights], note
+        out.append(attempt(f"{peer}:{shape}", T, make, args, **extra))
+        torch.cuda.empty_cache()
+    return out
+
+
+def selection_rows(shape, T, routing, args, device):
+    """Selected attention alone on `routing`'s block ids, nsa_dist and each peer on the same inputs;
+    a peer's row notes its output's relative difference from nsa_dist's."""
+    import peer_rows
+    from routing import block_ids, union_sizes
+
+    from nsa_dist.kernels import selection_attention
+    HQ, H, D = SHAPES[shape]
+    leaves = qkv(T, HQ, H, D, device, seed=T + HQ + D)
+    idx = block_ids(T, H, routing, n=PAPER["top_n"], sel=PAPER["select_size"], seed=T, device=device)
+    unions = ", ".join(f"union of {m}: {u:.1f}" for m, u in union_sizes(idx).items())
+    extra = dict(HQ=HQ, H=H, D=D)
+
+    def ours():
+        return selection_attention(*leaves, idx, select_size=PAPER["select_size"], backend="triton")
+    out = [attempt(f"sel:{shape}:{routing}", T, lambda: (ours, leaves, unions), args, **extra)]
+    with torch.no_grad():
+        ref = ours().float()
+    for peer in PEERS if args.peers else ():
+        def make():
+            fwd, note = peer_rows.selection_case(args.peers, peer, *leaves, idx)
+            with torch.no_grad():
+                diff = ((fwd().float() - ref).norm() / ref.norm()).item()
+            return fwd, leaves, f"rel. diff from nsa_dist {diff:.1e}" + (f"; {note}" if note else "")
+        out.append(attempt(f"{peer}:sel:{shape}:{routing}", T, make, args, **extra))
+    return out
+
+
 def run_row(row, T, args, device):
+    if row.startswith("shape:"):
+        return shape_rows(row.split(":")[1], T, args, device)
+    if row.startswith("sel:"):
+        _, shape, routing = row.split(":")
+        return selection_rows(shape, T, routing, args, device)
     suffix = next((s for s in ("_g4", "_g1") if row.endswith(s)), "")
     HQ, H = HEADS[suffix]
     base = row[: len(row) - len(suffix)] if suffix else row
@@ -239,14 +315,23 @@ def run_row(row, T, args, device):
 
 
 def ratios(results):
+    """`ref/ours@T`: the reference's time over nsa_dist's (above 1: nsa_dist is faster); for the model
+    shapes `cudnn/<shape>`, `mdy666/<shape>`, `fsa/<shape>` (NSA core) and `mdy666/sel:<shape>:<routing>`."""
     by = {(r["row"], r["T"]): r for r in results if "fwd_ms" in r}
+    pairs = [("paper", "cudnn", "cudnn/paper"), ("paper", "flash", "flash/paper"), ("nsa_fla", "fla", "fla/nsa_fla"),
+             ("paper_g4", "cudnn_g4", "cudnn_g4/paper_g4"), ("paper_g1", "cudnn_g1", "cudnn_g1/paper_g1")]
+    for row, _ in by:
+        if row.startswith("core:"):
+            shape = row[5:]
+            pairs += [(row, f"{ref}:{shape}", f"{ref}/{shape}") for ref in ("cudnn",) + PEERS]
+        elif row.startswith("sel:"):
+            pairs += [(row, f"{peer}:{row}", f"{peer}/{row}") for peer in PEERS]
     out = {}
     for (row, T), r in by.items():
-        for nsa, ref in (("paper", "cudnn"), ("paper", "flash"), ("nsa_fla", "fla"), ("paper_g4", "cudnn_g4"),
-                         ("paper_g1", "cudnn_g1")):
+        for nsa, ref, name in pairs:
             if row == nsa and (ref, T) in by:
                 o = by[(ref, T)]
-                out[f"{ref}/{nsa}@{T // 1024}k"] = {
+                out[f"{name}@{T // 1024}k"] = {
                     "fwd": o["fwd_ms"] / r["fwd_ms"],
                     "fwdbwd": o["fwdbwd_ms"] / r["fwdbwd_ms"] if o["fwdbwd_ms"] and r["fwdbwd_ms"] else None}
     return out
@@ -271,6 +356,13 @@ def main():
     p.add_argument("--parts-T", default="64k", help="lengths for the per-op breakdown")
     p.add_argument("--groups", action="store_true", help="also run paper_g4, cudnn_g4, paper_g1, cudnn_g1")
     p.add_argument("--parts", action="store_true", help="also run the per-op breakdown")
+    p.add_argument("--shapes", default="", help=f"model shapes from {tuple(SHAPES)}: NSA core vs cuDNN, selection")
+    p.add_argument("--shape-T", default="16k,64k,128k", help="lengths for the model shapes' NSA core rows")
+    p.add_argument("--paper-extra-T", default="8k", help="extra lengths for the paper shape's core rows")
+    p.add_argument("--sel-T", default="64k", help="lengths for the model shapes' selection rows")
+    p.add_argument("--routing", default="rand,blk,trained", help="block-id patterns of the selection rows")
+    p.add_argument("--no-core", action="store_true", help="model shapes: selection rows only")
+    p.add_argument("--peers", default=None, help="a staged peers folder (.peers): add mdy666's and FSA's rows")
     p.add_argument("--profile", default=None, help="per-kernel GPU time of the paper layer at these lengths")
     p.add_argument("--tune", default=None, help="time the kernels' tile-size candidates at this length, e.g. 64k")
     p.add_argument("--tune-knobs", default=None, help="only these entries of the tuning table, e.g. select,dense_dkdv")
@@ -285,6 +377,14 @@ def main():
         plan += [(row, T) for T in parse_T(args.group_T) for row in ("paper_g4", "cudnn_g4", "paper_g1", "cudnn_g1")]
     if args.parts:
         plan += [("parts", T) for T in parse_T(args.parts_T)]
+    shapes = [x for x in args.shapes.split(",") if x]
+    unknown = set(shapes) - set(SHAPES)
+    if unknown:
+        p.error(f"unknown shapes {sorted(unknown)}: choose from {tuple(SHAPES)}")
+    plan += [(f"sel:{shape}:{r}", T) for T in parse_T(args.sel_T) for shape in shapes for r in args.routing.split(",") if r]
+    if not args.no_core:
+        plan += [(f"shape:{shape}", T) for shape in shapes
+                 for T in sorted(set(parse_T(args.shape_T) + (parse_T(args.paper_extra_T) if shape == "paper" else [])))]
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 paper_config=PAPER, fla_config=FLA, B=1, D=128, dtype="bfloat16",
                 compression="mean pooling inside the timed region (nsa_dist); inside parallel_nsa (fla)")
@@ -295,6 +395,10 @@ def main():
         meta["fla"] = getattr(fla, "__version__", "?")
     except ImportError as e:
         meta["fla"] = f"missing: {e}"
+    if args.peers:
+        import peer_rows
+        meta["peers"] = {k: v if isinstance(v, str) else "ok" for k, v in peer_rows.load(args.peers).items()}
+        print("peers:", meta["peers"], flush=True)
     results, t0 = [], time.time()
     if args.tune:
         results += tune(parse_T(args.tune)[0], args, device)
@@ -306,14 +410,17 @@ def main():
             results.append(dict(row=row, T=T, note="skipped: time budget"))
             continue
         try:
-            results += run_row(row, T, args, device)
+            new = run_row(row, T, args, device)
+            results += new
         except torch.OutOfMemoryError as e:
             results.append(dict(row=row, T=T, note=f"skipped: out of memory ({str(e).splitlines()[0][:120]})"))
+            new = results[-1:]
         except Exception as e:  # a missing package, an unsupported size: record and go on
             results.append(dict(row=row, T=T, note=f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                                 if str(e) else f"skipped: {type(e).__name__}"))
+            new = results[-1:]
         torch.cuda.empty_cache()
-        print(table(results[-1:]).splitlines()[-1], flush=True)
+        print("\n".join(table(new).splitlines()[1:]), flush=True)
     report = dict(meta=meta, results=results, ratios=ratios(results), seconds=time.time() - t0)
     print(table(results))
     for name, r in report["ratios"].items():

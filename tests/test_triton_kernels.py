@@ -195,6 +195,45 @@ else:
         o_only = api.selection_attention(q, k, v, idx, backend="triton", **kw)
         assert torch.equal(o_only, o)
 
+    SEL_PATHS = {  # tuning entries that force each forward / dQ path of selection_attention
+        "union": dict(sel_own=2.0),                  # every tile over its queries' union (a share > 1: never own)
+        "own": dict(sel_own=0.0),                    # every tile of BT > 1 queries query by query
+        "one_query": dict(sel=tuning.SelTile(1, 4, 1), sel_groups=()),  # tiles of one query (BT = 1)
+        "table": {},                                 # the interpreter's table: mixed tiles, checked for determinism
+    }
+
+    @pytest.mark.parametrize("G,path", [(G, p) for G in (1, 2, 4, 7, 8, 16) for p in SEL_PATHS
+                                        if G < 16 or p in ("one_query", "table")])  # G = 16: tiles of one query
+    def test_selection_group_sizes(G, path):
+        """Every group size on every path, odd length and value dim; with PyTorch's deterministic switch on,
+        two runs agree bitwise (no atomics on any path)."""
+        torch.manual_seed(G)
+        B, T, H, D, DV, sel, n = 1, 37, 2 if G < 8 else 1, 16, 24, 8, 3
+        q = torch.randn(B, T, G * H, D, requires_grad=True)
+        k = torch.randn(B, T, H, D, requires_grad=True)
+        v = torch.randn(B, T, H, DV, requires_grad=True)
+        idx = causal_block_ids(B, T, H, n, sel, 0, None, seed=G)
+        o_ref, lse_ref = api.selection_attention(q, k, v, idx, select_size=sel, backend="torch", return_lse=True)
+        w, wl = torch.randn_like(o_ref), torch.randn_like(lse_ref)
+        g_ref = grads(o_ref, (q, k, v), w, (lse_ref, wl))
+        runs = 2 if path == "table" else 1
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with tuning.override(**SEL_PATHS[path]):
+                outs = [api.selection_attention(q, k, v, idx, select_size=sel, backend="triton", return_lse=True)
+                        for _ in range(runs)]
+                got = [(o, lse, *grads(o, (q, k, v), w, (lse, wl))) for o, lse in outs]
+        finally:
+            torch.use_deterministic_algorithms(was)
+        o, lse, *g = got[0]
+        assert rel(o, o_ref) < TOL
+        check_lse(lse, lse_ref)
+        for name, a, b in zip("qkv", g, g_ref):
+            assert rel(a, b) < TOL, f"d{name}"
+        for a, b in zip(got[0], got[-1]):
+            assert torch.equal(a, b), "a second run must agree bitwise"
+
     def test_selection_attention_block_outside_keys_raises():
         q, k = torch.randn(1, 32, 2, 16), torch.randn(1, 24, 1, 16)
         idx = torch.full((1, 32, 1, 2), -1, dtype=torch.int32)

@@ -1,10 +1,12 @@
 """Selected-block attention: each query over the keys of its n selected blocks.
 
 A selected block is a *unit* (one block of one document, clipped to the keys passed in). The
-forward and the dQ pass loop, per tile of a few neighbouring queries and all G heads of each, over
-the union of their units, so small groups still fill a 16-row MMA tile; dK/dV comes from the
-reverse index (unit -> query tiles, CSR) in bounded work items summed in a fixed order, no atomics
-(README.md, "Selected-block attention").
+forward and the dQ pass take, per tile of a few neighbouring queries and all G heads of each, the
+union of their units when it is small (queries that share blocks share the K/V loads and MMA
+tiles), and otherwise each query of the tile over its own n units with its G heads padded to a
+16-row MMA tile; the choice is made per tile from the union's size, on the device. dK/dV comes
+from the reverse index (unit -> queries that chose it, CSR) in bounded work items summed in a
+fixed order, no atomics (README.md, "Selected-block attention").
 """
 from __future__ import annotations
 
@@ -38,45 +40,45 @@ def _sel_unit_keys(u, USTART, ULIMIT, UBLK, SEL: tl.constexpr, BS: tl.constexpr)
 
 
 @triton.jit
-def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTART, ELIMIT, EBLK, QPOS,
-                    qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
-                    BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-                    BDV: tl.constexpr, DQ_PASS: tl.constexpr):
-    """Rows = BT queries x G heads sharing one KV head; loop over the union of their selected units.
+def _sel_attend(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, LIST, KSTART, KLIMIT, KBLK, at, cnt,
+                t, g, valid, bb, h, qk_scale, scale, T, Tk, HQ, H, G, n, D: tl.constexpr, DV: tl.constexpr,
+                SEL: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                BDV: tl.constexpr, OWN: tl.constexpr, DQ_PASS: tl.constexpr):
+    """Rows (t, g) over the `cnt` units listed at LIST + at, then their o and lse (or dq).
 
-    DQ_PASS=False: forward, writes o and lse. DQ_PASS=True: the same loop recomputes p from lse
-    and writes dq.
-    """
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    bb = tl.program_id(2)
-    t, g, valid = _sel_rows(tile, T, G, BT, GPAD)
+    OWN: the list is one query's own idx row (unit ids, -1 = none, any order), so every row chose
+    every unit and the key fields are read by unit id. Otherwise it is a tile's sorted union, the key
+    fields are stored per list entry, and a row takes a unit only if its query chose it."""
     row = (bb * T + t).to(tl.int64) * HQ + h * G + g
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     pos = tl.load(QPOS + t, mask=valid, other=0)
-    cols = tl.arange(0, NP)
-    ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
-                 mask=valid[:, None] & (cols[None, :] < n), other=-1)
-    lst = (bb * H + h).to(tl.int64) * NTILE + tile
-    cnt = tl.load(UCNT + lst)
     kv = bb.to(tl.int64) * Tk * H + h
+    if not OWN:
+        cols = tl.arange(0, NP)
+        ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
+                     mask=valid[:, None] & (cols[None, :] < n), other=-1)
     if DQ_PASS:
         q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
-        dq = tl.zeros([BT * GPAD, BD], tl.float32)
+        dq = tl.zeros([ROWS, BD], tl.float32)
     else:
         q = load_tile(Q, row, D, offs_d, valid, D)
-        m = tl.full([BT * GPAD], float("-inf"), tl.float32)
-        l = tl.zeros([BT * GPAD], tl.float32)
-        acc = tl.zeros([BT * GPAD, BDV], tl.float32)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BDV], tl.float32)
     for e in range(0, cnt):
-        u = tl.load(ULIST + lst * LMAX + e)
-        kloc, kpos, k_in = _sel_unit_keys(lst * LMAX + e, ESTART, ELIMIT, EBLK, SEL, BS)
+        u = tl.load(LIST + at + e)
+        if OWN:
+            kloc, kpos, k_in = _sel_unit_keys(tl.maximum(u, 0), KSTART, KLIMIT, KBLK, SEL, BS)
+            k_in = k_in & (kpos * 0 + u >= 0)  # a vector: the interpreter cannot mask with a scalar's dtype
+            see = k_in[None, :] & (kpos[None, :] <= pos[:, None])
+        else:
+            kloc, kpos, k_in = _sel_unit_keys(at + e, KSTART, KLIMIT, KBLK, SEL, BS)
+            member = tl.sum((ru == u).to(tl.int32), 1) > 0
+            see = member[:, None] & k_in[None, :] & (kpos[None, :] <= pos[:, None])
         kr = kv + kloc.to(tl.int64) * H
         k = load_tile(K, kr, D, offs_d, k_in, D)
         v = load_tile(V, kr, DV, offs_dv, k_in, DV)
-        member = tl.sum((ru == u).to(tl.int32), 1) > 0
-        see = member[:, None] & k_in[None, :] & (kpos[None, :] <= pos[:, None])
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if DQ_PASS:
             p = tl.where(see, tl.exp2(s - lse2[:, None]), 0.0)
@@ -99,15 +101,57 @@ def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, RU, ULIST, UCNT, ESTA
 
 
 @triton.jit
-def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM_START, ITEM_END, CSR_TILE,
-                     USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NU, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr,
-                     BT: tl.constexpr, GPAD: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-                     BDV: tl.constexpr, TPI: tl.constexpr):
-    """One work item: one unit's (KV head's) keys against a bounded run of the query tiles that chose it,
-    TPI tiles per step (their rows side by side: wider MMAs than one tile's BT x G rows).
+def _sel_own_queries(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, USTART, ULIMIT, UBLK, tile, bb, h, qk_scale, scale,
+                     T, Tk, HQ, H, G, n, D: tl.constexpr, DV: tl.constexpr, SEL: tl.constexpr, BT: tl.constexpr,
+                     QROWS: tl.constexpr, NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                     DQ_PASS: tl.constexpr):
+    """The tile's queries one at a time, each over its own n units."""
+    for j in range(0, tl.minimum(BT, T - tile * BT)):
+        t, g, valid = _sel_rows(tile * BT + j, T, G, 1, QROWS)
+        at = ((bb * T + tile * BT + j).to(tl.int64) * H + h) * n
+        _sel_attend(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, RU, USTART, ULIMIT, UBLK, at, n, t, g, valid, bb, h,
+                    qk_scale, scale, T, Tk, HQ, H, G, n, D, DV, SEL, QROWS, NP, BS, BD, BDV, OWN=True, DQ_PASS=DQ_PASS)
 
-    With one query per tile (BT = 1) every row of a listed tile chose the unit; with more, the unit
-    is in the union of the tile's choices and each query's own list decides."""
+
+@triton.jit
+def _sel_fwd_kernel(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, USTART, ULIMIT, UBLK, ULIST, UCNT, ESTART,
+                    ELIMIT, EBLK, qk_scale, scale, T, Tk, HQ, H, G, n, NTILE, LMAX, own_above, D: tl.constexpr,
+                    DV: tl.constexpr, SEL: tl.constexpr, BT: tl.constexpr, GPAD: tl.constexpr, QROWS: tl.constexpr,
+                    NP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DQ_PASS: tl.constexpr):
+    """One tile of BT queries of one KV head. DQ_PASS=False: forward, writes o and lse;
+    DQ_PASS=True: the same loop recomputes p from lse and writes dq.
+
+    A tile whose union holds more than `own_above` units runs query by query (QROWS rows: the G
+    heads padded to an MMA tile), each over its own units: with little sharing the union costs as
+    many K/V loads and adds a membership test per unit and row. BT = 1 always runs that way."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = tl.program_id(2)
+    if BT == 1:
+        _sel_own_queries(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, USTART, ULIMIT, UBLK, tile, bb, h, qk_scale,
+                         scale, T, Tk, HQ, H, G, n, D, DV, SEL, BT, QROWS, NP, BS, BD, BDV, DQ_PASS)
+    else:
+        lst = (bb * H + h).to(tl.int64) * NTILE + tile
+        cnt = tl.load(UCNT + lst)
+        if cnt > own_above:
+            _sel_own_queries(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, USTART, ULIMIT, UBLK, tile, bb, h,
+                             qk_scale, scale, T, Tk, HQ, H, G, n, D, DV, SEL, BT, QROWS, NP, BS, BD, BDV, DQ_PASS)
+        else:
+            t, g, valid = _sel_rows(tile, T, G, BT, GPAD)
+            _sel_attend(Q, K, V, DO, LSE, DELTA, OUT, LSE_OUT, QPOS, RU, ULIST, ESTART, ELIMIT, EBLK, lst * LMAX, cnt,
+                        t, g, valid, bb, h, qk_scale, scale, T, Tk, HQ, H, G, n, D, DV, SEL, BT * GPAD, NP, BS, BD,
+                        BDV, OWN=False, DQ_PASS=DQ_PASS)
+
+
+@triton.jit
+def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, QPOS, ITEM_SEG, ITEM_START, ITEM_END, CSR_QUERY,
+                     USTART, ULIMIT, UBLK, qk_scale, scale, T, Tk, HQ, H, G, NU, D: tl.constexpr, DV: tl.constexpr,
+                     SEL: tl.constexpr, GPAD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                     QPS: tl.constexpr):
+    """One work item: one unit's (KV head's) keys against a bounded run of the queries that chose it,
+    QPS queries per step (their G heads side by side as the MMA's rows). The CSR lists queries, not
+    the forward's tiles: every listed row chose the unit, so no row is spent on a neighbour that
+    did not and no membership test is needed."""
     it = tl.program_id(0)
     seg = tl.load(ITEM_SEG + it)
     e0 = tl.load(ITEM_START + it)
@@ -121,27 +165,19 @@ def _sel_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, RU, QPOS, ITEM_SEG, ITEM
     kr = bb.to(tl.int64) * Tk * H + h + kloc.to(tl.int64) * H
     k = load_tile(K, kr, D, offs_d, k_in, D)
     v = load_tile(V, kr, DV, offs_dv, k_in, DV)
-    cols = tl.arange(0, NP)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BDV], tl.float32)
-    r = tl.arange(0, TPI * BT * GPAD)
-    slot = r // (BT * GPAD)
+    r = tl.arange(0, QPS * GPAD)
+    slot = r // GPAD
     g = r % GPAD
-    for e in range(e0, e1, TPI):
+    for e in range(e0, e1, QPS):
         listed = e + slot < e1
-        tile = tl.load(CSR_TILE + e + slot, mask=listed, other=0)
-        t = tile * BT + (r % (BT * GPAD)) // GPAD
-        valid = listed & (t < T) & (g < G)
+        t = tl.load(CSR_QUERY + e + slot, mask=listed, other=0)
+        valid = listed & (g < G)
         row = (bb * T + t).to(tl.int64) * HQ + h * G + g
-        if BT > 1:
-            ru = tl.load(RU + ((bb * T + t).to(tl.int64) * H + h)[:, None] * n + cols[None, :],
-                         mask=valid[:, None] & (cols[None, :] < n), other=-1)
-            member = tl.sum((ru == u).to(tl.int32), 1) > 0
-        else:
-            member = valid
         pos = tl.load(QPOS + t, mask=valid, other=0)
         q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, row, valid, D, DV, BD, BDV)
-        see = k_in[:, None] & member[None, :] & (kpos[:, None] <= pos[None, :])
+        see = k_in[:, None] & valid[None, :] & (kpos[:, None] <= pos[None, :])
         pT = tl.where(see, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
@@ -178,21 +214,24 @@ def _sel_reduce_kernel(PDK, PDV, DK, DV_OUT, SEG_ITEMS, USTART, ULIMIT, UBLK, Tk
                  mask=k_in[:, None] & (offs_dv[None, :] < DV))
 
 
-def _sel_config(table: tuning.Tuning, G: int):
-    """(queries per tile, num_warps, num_stages, query tiles per dK/dV work item, and the dK/dV
-    kernel's tiles per step, warps, stages)."""
-    GPAD = p2(G)
-    BT = max(1, table.sel.rows // GPAD)
-    dk = table.sel_dkdv
-    return BT, table.sel.warps, table.sel.stages, table.sel_items, max(1, dk.rows // (BT * GPAD)), dk.warps, dk.stages
+def _sel_config(table: tuning.Tuning, G: int, D: int, n: int) -> dict:
+    """Tiles of the three selection kernels for group size G, head dim D and n blocks per query."""
+    GP = p2(G)
+    tile, dk = table.sel_for(G, D), table.sel_dkdv
+    BT = max(1, tile.rows // GP)
+    return dict(BT=BT, GPAD=max(GP, 16 // BT), QROWS=max(16, GP), warps=tile.warps, stages=tile.stages,
+                # a tile's union holds at most BT * n units, so a share of 1 or more never goes query by query
+                own_above=int(table.sel_own * BT * n) if BT > 1 else -1,
+                CH=max(1, table.sel_items // GP), QPS=max(1, max(16, dk.rows) // GP), dk_warps=dk.warps,
+                dk_stages=dk.stages)
 
 
 def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT):
     """Selected blocks as *units* (one block of one document that meets the keys passed in).
 
-    Returns per-query unit ids `ru [B, T, H, n]` (-1: none), per query tile the sorted union of its
-    queries' units `ulist [B, H, NTILE, BT*n]` with counts, the units' key start / end (local) and
-    block id, and each query's position in its document.
+    Returns per-query unit ids `ru [B, T, H, n]` (-1: none), the units' key start / end (local) and
+    block id, each query's position in its document and, for tiles of BT > 1 queries, the sorted
+    union of each tile's units `ulist [B, H, NTILE, BT*n]` with counts and the units' fields per entry.
     """
     device = idx.device
     B, _, H, n = idx.shape
@@ -220,8 +259,13 @@ def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
     sel = idx.long()
     ok = (sel >= lo[None, :, None, None]) & (sel < hi[None, :, None, None])
     ru = torch.where(ok, base[None, :, None, None] + sel, torch.full_like(sel, -1))  # (B, T, H, n)
+    plan = dict(ru=ru.to(torch.int32).contiguous(), ustart=units[0], ulimit=units[1], ublk=units[2],
+                qpos=qlay.pos.to(torch.int32), NU=NU, NTILE=triton.cdiv(T, BT), LMAX=BT * n)
+    if BT == 1:  # every tile runs its one query over its own units: no union lists
+        none = torch.zeros(1, dtype=torch.int32, device=device)
+        return dict(plan, ulist=none, ucnt=none, estart=none, elimit=none, eblk=none)
 
-    NTILE = triton.cdiv(T, BT)
+    NTILE = plan["NTILE"]
     pad = torch.full((B, NTILE * BT - T, H, n), -1, dtype=ru.dtype, device=device)
     per_tile = torch.cat([ru, pad], 1).view(B, NTILE, BT, H, n).permute(0, 3, 1, 2, 4).reshape(B, H, NTILE, BT * n)
     per_tile = torch.where(per_tile < 0, torch.full_like(per_tile, _NO_UNIT), per_tile).sort(-1).values
@@ -231,27 +275,25 @@ def _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
     ucnt = (ulist != _NO_UNIT).sum(-1)
     u = torch.where(ulist == _NO_UNIT, torch.zeros_like(ulist), ulist)
     per_entry = [x[u].contiguous() if NU else torch.zeros_like(u, dtype=torch.int32) for x in units]  # the units' fields at each list entry
-    return dict(ru=ru.to(torch.int32).contiguous(), ulist=ulist.to(torch.int32).contiguous(),
-                estart=per_entry[0], elimit=per_entry[1], eblk=per_entry[2],
-                ucnt=ucnt.to(torch.int32).contiguous(), ustart=units[0], ulimit=units[1], ublk=units[2],
-                qpos=qlay.pos.to(torch.int32), NU=NU, NTILE=NTILE, LMAX=BT * n)
+    return dict(plan, ulist=ulist.to(torch.int32).contiguous(), ucnt=ucnt.to(torch.int32).contiguous(),
+                estart=per_entry[0], elimit=per_entry[1], eblk=per_entry[2])
 
 
-def _selection_work_items(plan, B, H, CH):
-    """Reverse index: for each (batch, KV head, unit) the query tiles that chose it (CSR), cut into
-    work items of at most CH tiles; `seg_items` gives each unit's run of items for the reduction.
+def _selection_work_items(ru, NU, CH):
+    """Reverse index: for each (batch, KV head, unit) the queries that chose it (CSR), cut into work
+    items of at most CH queries; `seg_items` gives each unit's run of items for the reduction.
 
     No host sync: the grid is the bound NI = S + entries / CH on the number of items (a unit with c
-    tiles has ceil(c / CH) <= c / CH + 1 of them); items past the real ones have an empty range."""
-    ulist, NU, NTILE = plan["ulist"], plan["NU"], plan["NTILE"]
-    device = ulist.device
+    queries has ceil(c / CH) <= c / CH + 1 of them); items past the real ones have an empty range."""
+    B, T, H, n = ru.shape
+    device = ru.device
     S = B * H * NU
-    bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)
-    tile = torch.arange(NTILE, device=device, dtype=torch.int64).view(1, 1, NTILE, 1)
-    key = (bh * NU + ulist.long()) * NTILE + tile
-    key = torch.where(ulist == _NO_UNIT, torch.full_like(key, S * NTILE), key).flatten().sort().values
-    csr_tile = (key % NTILE).to(torch.int32)
-    seg_off = torch.searchsorted(key, torch.arange(S + 1, device=device, dtype=torch.int64) * NTILE)
+    bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, 1, H, 1)
+    query = torch.arange(T, device=device, dtype=torch.int64).view(1, T, 1, 1)
+    key = (bh * NU + ru.long()) * T + query  # (B, T, H, n)
+    key = torch.where(ru < 0, torch.full_like(key, S * T), key).flatten().sort().values
+    csr_query = (key % T).to(torch.int32)
+    seg_off = torch.searchsorted(key, torch.arange(S + 1, device=device, dtype=torch.int64) * T)
     counts = seg_off[1:] - seg_off[:-1]
     seg_off = seg_off[:-1]
     n_items = (counts + CH - 1) // CH
@@ -261,20 +303,23 @@ def _selection_work_items(plan, B, H, CH):
     item_seg = (torch.searchsorted(seg_items, items, right=True) - 1).clamp(0, max(S - 1, 0))
     start = seg_off[item_seg] + (items - seg_items[item_seg]) * CH
     end = torch.minimum(start + CH, seg_off[item_seg] + counts[item_seg])
-    return item_seg, start, end, csr_tile, seg_items, NI
+    return item_seg, start, end, csr_query, seg_items, NI
 
 
 def _launch_sel(q, k, v, do, lse, delta, out, lse_out, plan, meta, dq_pass):
     B, T, HQ, D = q.shape
     Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
     n = plan["ru"].shape[-1]
     _sel_fwd_kernel[(plan["NTILE"], H, B)](
-        q, k, v, do, lse, delta, out, lse_out, plan["ru"], plan["ulist"], plan["ucnt"], plan["estart"],
-        plan["elimit"], plan["eblk"], plan["qpos"], meta["scale"] * LOG2E.value, meta["scale"], T, Tk, HQ, H, G, n,
-        plan["NTILE"], plan["LMAX"], D, DV, meta["select_size"],
-        BT=meta["BT"], GPAD=p2(G), NP=p2(n), BS=p2(max(meta["select_size"], 16)), BD=p2(max(D, 16)),
-        BDV=p2(max(DV, 16)), DQ_PASS=dq_pass, num_warps=meta["warps"], num_stages=meta["stages"])
+        q, k, v, do, lse, delta, out, lse_out, plan["qpos"], plan["ru"], plan["ustart"], plan["ulimit"], plan["ublk"],
+        plan["ulist"], plan["ucnt"], plan["estart"], plan["elimit"], plan["eblk"], meta["scale"] * LOG2E.value,
+        meta["scale"], T, Tk, HQ, H, HQ // H, n, plan["NTILE"], plan["LMAX"], meta["own_above"], D, DV,
+        meta["select_size"], BT=meta["BT"], GPAD=meta["GPAD"], QROWS=meta["QROWS"], NP=p2(n),
+        BS=p2(max(meta["select_size"], 16)), BD=p2(max(D, 16)), BDV=p2(max(DV, 16)), DQ_PASS=dq_pass,
+        num_warps=meta["warps"], num_stages=meta["stages"])
+
+
+_PLAN_TENSORS = ("ru", "ustart", "ulimit", "ublk", "qpos", "ulist", "ucnt", "estart", "elimit", "eblk")
 
 
 class _SelectionAttention(torch.autograd.Function):
@@ -283,28 +328,22 @@ class _SelectionAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, T, HQ, D = q.shape
         Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-        G = HQ // H
-        BT, warps, stages, CH, TPI, dk_warps, dk_stages = _sel_config(tuning.table(q.device), G)
-        plan = _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, BT)
+        meta = _sel_config(tuning.table(q.device), HQ // H, D, idx.shape[-1])
+        plan = _selection_plan(idx, T, Tk, q_offset, k_offset, cu_seqlens, select_size, meta["BT"])
         o = output((B, T, HQ, DV), q.dtype, q.device)
         lse = output((B, T, HQ), torch.float32, q.device)
-        ctx.meta = dict(select_size=select_size, scale=scale, BT=BT, warps=warps, stages=stages, CH=CH,
-                        TPI=TPI, dk_warps=dk_warps, dk_stages=dk_stages,
-                        NU=plan["NU"], NTILE=plan["NTILE"], LMAX=plan["LMAX"])
+        ctx.meta = dict(meta, select_size=select_size, scale=scale, NU=plan["NU"], NTILE=plan["NTILE"],
+                        LMAX=plan["LMAX"])
         if T:
             _launch_sel(q, k, v, None, lse, None, o, lse, plan, ctx.meta, dq_pass=False)
-        ctx.save_for_backward(q, k, v, o, lse, plan["ru"], plan["ulist"], plan["ucnt"], plan["ustart"],
-                              plan["ulimit"], plan["ublk"], plan["qpos"], plan["estart"], plan["elimit"],
-                              plan["eblk"])
+        ctx.save_for_backward(q, k, v, o, lse, *(plan[x] for x in _PLAN_TENSORS))
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, ru, ulist, ucnt, ustart, ulimit, ublk, qpos, estart, elimit, eblk = ctx.saved_tensors
+        q, k, v, o, lse, *saved = ctx.saved_tensors
         meta = ctx.meta
-        plan = dict(ru=ru, ulist=ulist, ucnt=ucnt, ustart=ustart, ulimit=ulimit, ublk=ublk, qpos=qpos,
-                    estart=estart, elimit=elimit, eblk=eblk,
-                    NU=meta["NU"], NTILE=meta["NTILE"], LMAX=meta["LMAX"])
+        plan = dict(zip(_PLAN_TENSORS, saved), NU=meta["NU"], NTILE=meta["NTILE"], LMAX=meta["LMAX"])
         B, T, HQ, D = q.shape
         Tk, H, DV = k.shape[1], k.shape[2], v.shape[-1]
         G = HQ // H
@@ -317,19 +356,19 @@ class _SelectionAttention(torch.autograd.Function):
             _launch_sel(q, k, v, do, lse, delta, dq, None, plan, meta, dq_pass=True)
         S = B * H * meta["NU"]
         if S:
-            item_seg, start, end, csr_tile, seg_items, NI = _selection_work_items(plan, B, H, meta["CH"])
+            item_seg, start, end, csr_query, seg_items, NI = _selection_work_items(plan["ru"], meta["NU"], meta["CH"])
             BS, BD, BDV = p2(max(meta["select_size"], 16)), p2(max(D, 16)), p2(max(DV, 16))
             pdk = torch.empty((max(NI, 1), BS, BD), dtype=torch.float32, device=q.device)
             pdv = torch.empty((max(NI, 1), BS, BDV), dtype=torch.float32, device=q.device)
             common = dict(BS=BS, BD=BD, BDV=BDV)
             if NI:
                 _sel_dkdv_kernel[(NI,)](
-                    q, k, v, do, lse, delta, pdk, pdv, ru, qpos, item_seg, start, end, csr_tile, ustart, ulimit,
-                    ublk, meta["scale"] * LOG2E.value, meta["scale"], T, Tk, HQ, H, G, ru.shape[-1], meta["NU"], D, DV,
-                    meta["select_size"], BT=meta["BT"], GPAD=p2(G), NP=p2(ru.shape[-1]), TPI=meta["TPI"], **common,
+                    q, k, v, do, lse, delta, pdk, pdv, plan["qpos"], item_seg, start, end, csr_query, plan["ustart"],
+                    plan["ulimit"], plan["ublk"], meta["scale"] * LOG2E.value, meta["scale"], T, Tk, HQ, H, G,
+                    meta["NU"], D, DV, meta["select_size"], GPAD=p2(G), QPS=meta["QPS"], **common,
                     num_warps=meta["dk_warps"], num_stages=meta["dk_stages"])
-            _sel_reduce_kernel[(S,)](pdk, pdv, dk, dv, seg_items, ustart, ulimit, ublk, Tk, H, meta["NU"], D, DV,
-                                     meta["select_size"], **common, num_warps=8)
+            _sel_reduce_kernel[(S,)](pdk, pdv, dk, dv, seg_items, plan["ustart"], plan["ulimit"], plan["ublk"], Tk, H,
+                                     meta["NU"], D, DV, meta["select_size"], **common, num_warps=8)
         elif Tk:
             dk.zero_()
             dv.zero_()

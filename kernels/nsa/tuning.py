@@ -47,7 +47,8 @@ class TopNTile(NamedTuple):
 
 
 class SelTile(NamedTuple):
-    """A selected-attention kernel: (query, head) rows per tile (per step, for dK/dV)."""
+    """A selected-attention kernel: (query, head) rows per tile (per step, for dK/dV). For the forward
+    and dQ, rows / next_pow2(G) neighbouring queries form a tile (at least one)."""
     rows: int
     warps: int
     stages: int
@@ -68,7 +69,16 @@ class Tuning:
     topn_segment: int  # blocks one top-n row holds in registers; longer rows go through per-segment candidates
     sel: SelTile
     sel_dkdv: SelTile
-    sel_items: int  # query tiles per selected dK/dV work item
+    sel_items: int  # (query, head) rows per selected dK/dV work item
+    sel_own: float  # a tile whose union holds more than this share of its queries' n blocks each runs query by query
+    sel_groups: tuple = ()  # ((G, head dim or 0 for any), SelTile): `sel` for that group size, first match wins
+
+    def sel_for(self, G: int, D: int) -> SelTile:
+        """The forward / dQ tile of group size G and head dim D."""
+        for (g, d), tile in self.sel_groups:
+            if g == G and d in (0, D):
+                return tile
+        return self.sel
 
 
 # H200, 64k, paper config. Dense dK/dV fwd+bwd (compressed / window): 32 x 128 keys-major (8 warps)
@@ -77,6 +87,9 @@ class Tuning:
 # Top-n: 8-16 scores per thread keep it near 64 registers (32 per thread took 156); select 14.0 ms
 # at 1024,4, 14.2 at 2048,4, 14.6 at 4096,4. Selection fwd+bwd: 59.6 ms at 3 stages, 60.6 at 2
 # (at least 16 rows: the smallest MMA tile); dK/dV rows 32 61.0 ms, 16 65.0, 64 (8 warps) 77.4.
+# sel_own 0.75 and sel_items 4096 (the former 256 tiles of 16 rows) are not yet measured with the own loop and
+# the query-listed dK/dV: 0.75 lies between the 4-query union share of trained routers (21-30 of 64) and
+# random routing's (~51 of 64 at 64k). bench/tune_selection.py times the alternatives and sel_groups entries.
 SM90 = Tuning(
     dense_fwd=DenseTile(128, 64, 8, 3), dense_fwd_wide=DenseTile(64, 32, 8, 2),
     dense_dq=DenseTile(64, 64, 4, 2), dense_dq_wide=DenseTile(64, 32, 8, 1),
@@ -84,7 +97,7 @@ SM90 = Tuning(
     dense_dkdv_iters=256,
     select=ScoreTile(64, 64, 4, 2), select_r1=ScoreTile(64, 32, 4, 2),
     topn=TopNTile(1024, 4), topn_segment=2048,
-    sel=SelTile(16, 4, 3), sel_dkdv=SelTile(32, 4, 2), sel_items=256,
+    sel=SelTile(16, 4, 3), sel_dkdv=SelTile(32, 4, 2), sel_items=4096, sel_own=0.75,
 )
 
 _TINY = DenseTile(16, 16, 4, 1)
@@ -93,7 +106,7 @@ INTERPRETER = Tuning(
     dense_dkdv=_TINY, dense_dkdv_wide=_TINY._replace(rows_major=False), dense_dkdv_iters=8,
     select=ScoreTile(16, 16, 4, 1), select_r1=ScoreTile(16, 16, 4, 1),
     topn=TopNTile(1024, 4), topn_segment=8,
-    sel=SelTile(16, 4, 1), sel_dkdv=SelTile(32, 4, 1), sel_items=3,
+    sel=SelTile(16, 4, 1), sel_dkdv=SelTile(32, 4, 1), sel_items=48, sel_own=0.25,
 )
 
 TABLES = {(9, 0): SM90}

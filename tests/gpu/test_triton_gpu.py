@@ -156,6 +156,36 @@ def test_selection_attention(T, HQ, H, with_grad):
             assert torch.equal(a, b), "backward must be deterministic"
 
 
+SEL_PATHS = {"union": dict(sel_own=2.0), "own": dict(sel_own=0.0), "table": {}}  # see tests/test_triton_kernels.py
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 7, 8, 16])
+@pytest.mark.parametrize("path", list(SEL_PATHS))
+def test_selection_group_sizes(G, path):
+    """Each group size on each forward / dQ path at 8k, bf16, two KV heads: o, lse, dq, dk, dv against the
+    reference, and a second run bitwise equal (the deterministic switch is on, see `poisoned_outputs`)."""
+    from nsa_dist.kernels.nsa import tuning
+    torch.manual_seed(G)
+    T, H = 8192, 2
+    q, k, v = randn(1, T, G * H, 128, grad=True), randn(1, T, H, 128, grad=True), randn(1, T, H, 128, grad=True)
+    idx = causal_block_ids(T, H, 16, 64, seed=T + G)
+    o_ref, lse_ref = api().selection_attention(q, k, v, idx, select_size=64, backend="torch", return_lse=True)
+    w, wl = torch.randn_like(o_ref.float()), torch.randn_like(lse_ref)
+    g_ref = torch.autograd.grad((o_ref.float() * w).sum() + (lse_ref * wl).sum(), (q, k, v))
+    runs = []
+    with tuning.override(**SEL_PATHS[path]):
+        for _ in range(2):
+            o, lse = api().selection_attention(q, k, v, idx, select_size=64, backend="triton", return_lse=True)
+            runs.append((o, lse, *torch.autograd.grad((o.float() * w).sum() + (lse * wl).sum(), (q, k, v))))
+    o, lse, *g = runs[0]
+    assert rel(o, o_ref) < TOL
+    assert rel(lse, lse_ref) < 1e-3
+    for name, a, b in zip("qkv", g, g_ref):
+        assert rel(a, b) < TOL, f"d{name}"
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b), "selection must be deterministic"
+
+
 def test_packed_documents_offsets_fp16_head_dims():
     """cu_seqlens, a query shard with its halo, fp16, d_qk = 256 != d_v = 64, all three branches."""
     torch.manual_seed(4)

@@ -23,6 +23,14 @@ CASES = [  # (HQ, H, D, DV, dtype, l, d, l', n, w, packed documents)
     (2, 1, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
     (2, 2, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
     (8, 2, 256, 64, "float16", 32, 16, 64, 8, 128, True),
+    # the model shapes of bench/kernels.py --shapes, and the group sizes of test_selection_group_sizes
+    (32, 8, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
+    (32, 8, 64, 64, "bfloat16", 32, 16, 64, 16, 512, False),
+    (28, 4, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
+    (4, 2, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
+    (8, 2, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
+    (14, 2, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
+    (32, 2, 128, 128, "bfloat16", 32, 16, 64, 16, 512, False),
 ]
 
 
@@ -47,8 +55,11 @@ def run(case):
 
 
 if __name__ == "__main__":
+    # optional arguments HQ/H/D (e.g. 32/8/64) keep only those cases
+    wanted = set(sys.argv[1:])
+    cases = [c for c in CASES if not wanted or f"{c[0]}/{c[1]}/{c[2]}" in wanted]
     t0 = time.time()
-    with mp.get_context("spawn").Pool(min(len(CASES), 12)) as pool:
-        for case in pool.imap_unordered(run, CASES):
+    with mp.get_context("spawn").Pool(max(1, min(len(cases), 14))) as pool:
+        for case in pool.imap_unordered(run, cases):
             print(f"compiled {case[:5]} at {time.time() - t0:.0f}s", flush=True)
     sys.exit(0)
