@@ -87,9 +87,16 @@ class Tuning:
 # Top-n: 8-16 scores per thread keep it near 64 registers (32 per thread took 156); select 14.0 ms
 # at 1024,4, 14.2 at 2048,4, 14.6 at 4096,4. Selection fwd+bwd: 59.6 ms at 3 stages, 60.6 at 2
 # (at least 16 rows: the smallest MMA tile); dK/dV rows 32 61.0 ms, 16 65.0, 64 (8 warps) 77.4.
-# sel_own 0.75 and sel_items 4096 (the former 256 tiles of 16 rows) are not yet measured with the own loop and
-# the query-listed dK/dV: 0.75 lies between the 4-query union share of trained routers (21-30 of 64) and
-# random routing's (~51 of 64 at 64k). bench/tune_selection.py times the alternatives and sel_groups entries.
+# Selection at small G, 64k, fwd+bwd on trained-like / random routing (bench/tune_selection.py, one run,
+# bench/results/2026-12-03/tune_H200.log): G=4 d64 (llama1b) 16 rows, 2 warps, 3 stages 27.7 / 49.3 ms
+# against 30.9 / 54.7 for the default tile, hence its sel_groups entry; G=4 d128 and G=7 d128 keep the
+# default (the faster random-routing tiles are slower on trained routing). The query-by-query loop lost
+# wherever it ran: sel_own=0 (always) 92.6 / 57.2 / 49.2 ms on trained routing for llama8b / llama1b /
+# qwen7b against 45.1 / 30.9 / 34.1, and a union-only table (sel_own >= 0.9) was the fastest on random
+# routing (76.8 / 50.5 / 44.9 against 87.8 / 54.7 / 48.4 at 0.75) and equal on trained routing. So
+# sel_own=1.0, never (a union holds at most all of its queries' blocks); tiles of one query still go
+# query by query. Each change was timed alone; the table as a whole is not yet timed. sel_items 4096
+# (the former 256 tiles of 16 rows) is not swept.
 SM90 = Tuning(
     dense_fwd=DenseTile(128, 64, 8, 3), dense_fwd_wide=DenseTile(64, 32, 8, 2),
     dense_dq=DenseTile(64, 64, 4, 2), dense_dq_wide=DenseTile(64, 32, 8, 1),
@@ -97,7 +104,8 @@ SM90 = Tuning(
     dense_dkdv_iters=256,
     select=ScoreTile(64, 64, 4, 2), select_r1=ScoreTile(64, 32, 4, 2),
     topn=TopNTile(1024, 4), topn_segment=2048,
-    sel=SelTile(16, 4, 3), sel_dkdv=SelTile(32, 4, 2), sel_items=4096, sel_own=0.75,
+    sel=SelTile(16, 4, 3), sel_dkdv=SelTile(32, 4, 2), sel_items=4096, sel_own=1.0,
+    sel_groups=(((4, 64), SelTile(16, 2, 3)),),
 )
 
 _TINY = DenseTile(16, 16, 4, 1)
