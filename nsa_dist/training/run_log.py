@@ -54,7 +54,7 @@ class RunLog:
         mfu = flops_per_s_per_device / self.peak_flops if self.peak_flops else None
         peak_memory = metrics.peak_memory_bytes(self.device)
         if self.is_main:
-            record = {"step": step, "loss": loss, "lr": lr, "step_s": round(step_s, 4),
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_s": round(step_s, 4),
                       "tokens_per_s": round(tokens_per_s, 1), "peak_memory_gib": round(peak_memory / 2**30, 3)}
             if mfu is not None:
                 record["mfu"] = round(mfu, 4)
