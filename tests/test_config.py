@@ -143,6 +143,7 @@ def test_overrides_reach_the_dataclasses(compose_config):
     ("trainer.lr=-1", ValueError, r"trainer\.lr must be positive"),
     ("trainer.optimizer=sgd", ValueError, r"unknown trainer\.optimizer='sgd'.*adamw"),
     ("trainer.precision=fp8", ValueError, r"trainer\.precision"),
+    ("trainer.precision=fp16", ValueError, r"trainer\.precision=fp16 is not supported: fp16 needs a loss scaler.*bf16"),
     ("trainer.steps=0", ValueError, r"trainer\.steps must be positive"),
     ("nsa.backend=cuda_magic", ValueError, r"unknown backend 'cuda_magic'.*nsa="),
     ("nsa.window=-1", ValueError, r"window.*nsa="),

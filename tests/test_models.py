@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -63,6 +64,14 @@ def test_model_hf_llama_composes_and_trains(compose_config, tmp_path):
     assert run_config(cfg).model.kind == "hf_llama"
     losses = main(cfg, run_dir=tmp_path).losses
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.2, losses
+
+
+def test_model_hf_llama_trains_under_bf16_autocast(compose_config, tmp_path):
+    """trainer.precision=bf16 on the plain torch path: fp32 weights under autocast, the converted model's fp32
+    rotary q and k beside bf16 v (which crashed before the ops took the autocast dtype)."""
+    pytest.importorskip("transformers")
+    losses = main(compose_config("model=hf_llama", "trainer.precision=bf16", *FAST), run_dir=tmp_path).losses
+    assert len(losses) == 5 and all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.2, losses
 
 
 def test_model_attention_dense_trains(compose_config, tmp_path):

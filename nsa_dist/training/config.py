@@ -78,6 +78,9 @@ class TrainConfig:
             if key.split(".")[0] not in CONFIG_SECTIONS or not acceptable_change(key):
                 raise ValueError(f"trainer.resume_accept: {key} cannot be accepted on resume (it changes parameter "
                                  f"shapes, the mesh, or is no config key); acceptable: {', '.join(ACCEPTABLE_CHANGES)}")
+        if self.precision == "fp16":
+            raise ValueError("trainer.precision=fp16 is not supported: fp16 needs a loss scaler, which the trainer does "
+                             "not have; use trainer.precision=bf16 (the same speed on GPUs that have bf16) or fp32")
         for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES),
                               ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
