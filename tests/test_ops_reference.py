@@ -364,3 +364,31 @@ def test_triton_backend_on_cpu_tensors_is_named(call, monkeypatch):
     q, k, v = make(1, 40, 4, 2, 8)
     with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         call(q, k, v)
+
+
+def test_auto_backend_falls_back_only_without_triton_and_says_so_once(monkeypatch):
+    """backend="auto" on CUDA runs the reference only when triton is not installed, with one warning; an
+    ImportError from inside the kernels is raised, not turned into a silent, many-fold slower run."""
+    import importlib.util
+    import warnings
+
+    from nsa_dist.kernels.nsa import api
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    api._triton_installed.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert api._resolve_backend("auto", torch.device("cuda")) == "torch"
+            assert api._resolve_backend("auto", torch.device("cuda")) == "torch"
+        assert [str(w.message) for w in seen if "triton is not installed" in str(w.message)] and len(seen) == 1
+    finally:
+        api._triton_installed.cache_clear()
+
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(api.importlib, "import_module", lambda *a, **k: (_ for _ in ()).throw(ImportError("broken")))
+    if real_find_spec("triton") is not None:
+        with pytest.raises(ImportError, match="broken"):
+            api._triton_op("gated_sum")
