@@ -70,6 +70,10 @@ VARIANTS = {"nsa": ("nsa", "nsa", "dense"), "dense": ("nsa", "dense", "dense"),
 SHAPES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                          head_dim=64, intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True),
+    # Llama-3.1-8B's attention and width (32/8 heads, d128); --layers takes fewer of its 32 layers where memory
+    # requires, and the row's model.num_layers says how many ran
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, intermediate_size=14336, rope_theta=500000.0),
     "tiny": dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
 }
 CONF_SHAPES = ("base", "small")
