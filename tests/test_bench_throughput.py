@@ -45,7 +45,9 @@ def test_rows_ratios_and_table(tmp_path, variants, baseline, extra):
     assert len(report["rows"]) == len(rows) == len(LENGTHS) * len(names)
     assert set(rows) == {(n, v) for n in LENGTHS for v in names}
 
-    table_rows = {tuple(line.split()[:2]) for line in stdout.splitlines() if len(line.split()) > 2}
+    # seq_len, precision (fp32 on a CPU), variant
+    table_rows = {(cells[0], cells[2]) for line in stdout.splitlines() if len(cells := line.split()) > 3
+                  and cells[1] == "fp32"}
     for (seq_len, variant), row in rows.items():
         assert row["tokens_per_s"] > 0 and row["step_s"] > 0
         assert row["peak_memory_bytes"] > 0 and "RSS" in row["peak_memory_source"]
@@ -66,7 +68,7 @@ def test_out_of_memory_is_recorded_as_oom_not_a_number(monkeypatch, capsys):
     spec.loader.exec_module(bench)
     measured = {"nsa": 2000.0}
 
-    def fake_time_variant(model_cfg, nsa, seq_len, args, device):
+    def fake_time_variant(model_cfg, nsa, seq_len, args, device, precision):
         if model_cfg.attention == "dense":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
         return dict(step_s=seq_len / measured["nsa"], step_s_all=[], tokens_per_s=measured["nsa"],
