@@ -46,7 +46,7 @@ from hydra import compose, initialize_config_module
 from learn_retrieval import card_name
 from nsa_dist.analysis.positions import write_plot
 from nsa_dist.config import run_config
-from nsa_dist.data.sources import build_source
+from nsa_dist.data.sources import split_sizes
 from nsa_dist.nn.build import build_model
 from nsa_dist.positions import evaluate_run
 from nsa_dist.train import main as train
@@ -121,12 +121,9 @@ def overrides_for(args, model: str, seq_len: int, width: int | None) -> list[str
 
 def describe_data(run) -> dict:
     """What the study read: the directory, and both splits' files and bytes."""
-    splits = {s: build_source(run.data, vocab_size=run.model.vocab_size, generator=torch.Generator(), split=s)
-              for s in ("train", "eval")}
     return {"kind": run.data.kind, "path": run.data.path, "glob": run.data.glob, "exclude": list(run.data.exclude),
             "holdout": run.data.holdout, "python": platform.python_version(),
-            **{f"{s}_documents": len(src.documents) for s, src in splits.items()},
-            **{f"{s}_bytes": len(src.tokens) for s, src in splits.items()}}
+            **split_sizes(run.data, vocab_size=run.model.vocab_size)}
 
 
 def study_one(args, model: str, seq_len: int, width: int | None, run_dir: Path) -> dict:

@@ -255,3 +255,14 @@ def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator
                          f"{cfg.seq_len + 1}: use more data, a smaller data.seq_len or another data.holdout")
     return WindowSampler(part.tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, generator=generator,
                          source=part.what, documents=part.documents)
+
+
+def split_sizes(cfg: DataConfig, *, vocab_size: int) -> dict[str, int]:
+    """Files and bytes of the train and eval splits of `data=text|files`, each split read once: the refusals
+    (an empty directory, a glob that matches nothing, a split shorter than a window) come from here before
+    any rank starts."""
+    sizes = {}
+    for split in SPLITS:
+        source = build_source(cfg, vocab_size=vocab_size, generator=torch.Generator(), split=split)
+        sizes.update({f"{split}_documents": len(source.documents), f"{split}_bytes": len(source.tokens)})
+    return sizes
