@@ -10,6 +10,7 @@ the dataclass of its own section.
 from __future__ import annotations
 
 import math
+import sysconfig
 from dataclasses import fields
 
 from hydra.core.config_store import ConfigStore
@@ -23,6 +24,11 @@ from nsa_dist.training.config import RunConfig
 # which every reader of a run config (the trainer, the report, bench/project.py) imports.
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(int(f) for f in factors))
+
+# `${stdlib:}`: the running Python's standard library sources, a corpus every machine has (conf/data/stdlib.yaml).
+# Resolved when the config is composed, so the run records the directory it read.
+if not OmegaConf.has_resolver("stdlib"):
+    OmegaConf.register_new_resolver("stdlib", lambda: sysconfig.get_paths()["stdlib"])
 
 SECTIONS = {f.name: f.default_factory for f in fields(RunConfig)}
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from nsa_dist import launch
 from nsa_dist.config import RunConfig, run_config
-from nsa_dist.data.sources import check_token_file
+from nsa_dist.data.sources import check_token_file, split_sizes
 from nsa_dist.launch.rank_logging import one_line
 from nsa_dist.training import distributed
 from nsa_dist.training.checkpoint import checkpoint_root
@@ -55,18 +55,22 @@ def main(cfg: DictConfig, *, run_dir: str | Path | None = None) -> TrainResult:
 
 def check_before_start(run: RunConfig, run_dir: Path) -> None:
     """What can fail before any rank starts, checked here: the mesh against the world the launcher will
-    start, the output directories, and the token file's ids and dtype."""
+    start, the data (the token file's ids and dtype, both splits of text and files), the output directories."""
     world = launch.planned_world_size(run.launcher)
     if world is not None:
         try:
             run.parallel.degrees(world)
         except ValueError as e:
             raise ValueError(f"{e} (launcher={run.launcher.kind} starts {world})") from e
+    if run.data.kind == "tokens":
+        log.info("checked %s", check_token_file(run.data.path, run.data.token_dtype, vocab_size=run.model.vocab_size))
+    if run.data.kind in ("text", "files"):
+        sizes = split_sizes(run.data, vocab_size=run.model.vocab_size)
+        log.info("data.path=%s: %d files, %d bytes to train on; %d files, %d bytes held out", run.data.path,
+                 sizes["train_documents"], sizes["train_bytes"], sizes["eval_documents"], sizes["eval_bytes"])
     _check_writable(run_dir, "the run directory (hydra.run.dir)")
     if run.trainer.checkpoint_every:
         _check_writable(checkpoint_root(run.trainer, run_dir), "trainer.checkpoint_dir")
-    if run.data.kind == "tokens":
-        log.info("checked %s", check_token_file(run.data.path, run.data.token_dtype, vocab_size=run.model.vocab_size))
 
 
 def _check_writable(directory: Path, what: str) -> None:

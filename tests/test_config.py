@@ -30,7 +30,10 @@ def stated(group, option):
 
 
 def with_data_file(tmp_path, group, option):
-    if group == "data" and option != "passkey":
+    if group == "data" and option == "files":
+        (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 8)
+        return [f"data.path={tmp_path}"]
+    if group == "data" and option not in ("passkey", "stdlib"):
         data_file = tmp_path / "data.bin"
         data_file.write_bytes(bytes(range(256)) * 8)
         return [f"data.path={data_file}"]

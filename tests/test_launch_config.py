@@ -21,6 +21,7 @@ from nsa_dist.launch.address import split_address
 from nsa_dist.launch.launch_check import LaunchCheck
 from nsa_dist.launch.slurm import check_slurm_request, gpus_in_gres
 from nsa_dist.train import main
+from tests.test_config import with_data_file
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 pytest.importorskip("hydra_plugins.hydra_ray_launcher")
@@ -54,11 +55,8 @@ def test_launcher_group_has_every_kind():
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "nsa", "data", "trainer", "parallel", "zero",
                                                             "launcher", "experiment") for o in options(g)])
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
-    overrides = [f"{group}={option}", f"hydra.sweep.dir={tmp_path}", "hydra.job.name=compose"]
-    if group == "data" and option != "passkey":
-        data_file = tmp_path / "data.bin"
-        data_file.write_bytes(bytes(range(256)) * 8)
-        overrides.append(f"data.path={data_file}")
+    overrides = [f"{group}={option}", f"hydra.sweep.dir={tmp_path}", "hydra.job.name=compose",
+                 *with_data_file(tmp_path, group, option)]
     cfg, hydra_launcher, callbacks = instantiate_hydra_plugins(*overrides)
     run = run_config(cfg)
     assert isinstance(run, RunConfig)

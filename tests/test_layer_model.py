@@ -102,8 +102,9 @@ def test_layer_runs_under_bf16_autocast(compression):
     assert (y.float() - ref).norm() / ref.norm() < 5e-2
 
 
-def plain_causal_gqa(layer, x, positions):
-    """Dense causal attention written out: rotary pairs as complex numbers, keys repeated per group."""
+def plain_causal_gqa(layer, x, positions, window=None):
+    """Dense causal attention written out: rotary pairs as complex numbers, keys repeated per group; with
+    `window`, each query sees only the keys in (t - window, t]."""
     B, T, _ = x.shape
     proj = layer.proj
     H, HQ, D = proj.num_kv_heads, proj.num_heads, proj.head_dim
@@ -119,7 +120,10 @@ def plain_causal_gqa(layer, x, positions):
     q, k = rotate(q), rotate(k)
     k, v = k.repeat_interleave(HQ // H, 2), v.repeat_interleave(HQ // H, 2)  # (B, T, HQ, D)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+    if window is not None:
+        hidden |= torch.ones(T, T, dtype=torch.bool).tril(-window)
+    scores = scores.masked_fill(hidden, float("-inf"))
     o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     return o.reshape(B, T, HQ * D) @ proj.o_proj.weight.T
 

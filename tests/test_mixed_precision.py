@@ -50,7 +50,7 @@ def _check_against_fp32(model):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("attention", ["nsa", "dense"])
+@pytest.mark.parametrize("attention", ["nsa", "dense", "window"])
 def test_project_model_under_autocast_matches_fp32(attention):
     torch.manual_seed(0)
     model = NSATransformer(ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -99,11 +99,13 @@ def test_compile_runs_the_blocks_compiled():
                for layer in sparse.layers)
 
 
-def dense_ranks(rank, world_size):
+def sharded_against_one_process(model_cfg: ModelConfig, nsa: NSAConfig):
+    """On one rank of a 2-rank group: the relative error of logits, gradients and packed logits of `model_cfg`
+    parallelized over the group against one process, and the ExchangeStats its layers recorded."""
     from nsa_dist.parallel import ExchangeLog, SequenceParallel, shard, unshard
 
     torch.manual_seed(0)
-    reference = NSATransformer(ModelConfig(attention="dense", **SHAPE), NSA)
+    reference = NSATransformer(model_cfg, nsa)
     model = copy.deepcopy(reference)
     tokens = torch.randint(0, 97, (1, 129))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -126,8 +128,15 @@ def dense_ranks(rank, world_size):
     with torch.no_grad():
         packed = model(shard(inputs, sp), cu_seqlens=cu)
     errors["packed"] = ((unshard(packed, sp) - packed_full).norm() / packed_full.norm()).item()
-    modes = {s.mode for s in log.pop()}
+    return errors, log.pop()
 
+
+def dense_ranks(rank, world_size):
+    from nsa_dist.parallel import SequenceParallel
+
+    errors, stats = sharded_against_one_process(ModelConfig(attention="dense", **SHAPE), NSA)
+    modes = {s.mode for s in stats}
+    sp = SequenceParallel()
     transformers = pytest.importorskip("transformers")
     from nsa_dist.nn.build import llama_config
 

@@ -214,6 +214,25 @@ def test_bad_settings_stop_with_one_line(compose_config, tmp_path, fault_case, c
     fault_case(case, given(*overrides), exit_code=1, seen=error_line(error))
 
 
+def test_real_text_that_cannot_be_split_stops_before_any_rank(compose_config, tmp_path, fault_case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 1000)
+    cases = [("data_directory_empty", ("data=files", f"data.path={empty}"), "is empty"),
+             ("data_glob_matches_nothing", ("data=stdlib", "data.glob=**/*.zzz"), "has no file matching"),
+             ("held_out_split_too_short", ("data=text", f"data.path={short}"), "eval split"),
+             ("window_without_window", ("model.attention=window", "nsa.window=0"), "set nsa.window")]
+    import sysconfig
+
+    for case, overrides, expected in cases:
+        run_dir = tmp_path / case
+        error = fails(compose_config, *overrides, run_dir=run_dir)
+        assert expected in str(error) and not run_dir.exists(), case
+        fault_case(case, given(*overrides), exit_code=1, seen=error_line(error),
+                   aliases={sysconfig.get_paths()["stdlib"]: "<stdlib>"})
+
+
 def test_unwritable_checkpoint_dir_stops_before_any_step(compose_config, tmp_path, fault_case):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

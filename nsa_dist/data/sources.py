@@ -1,4 +1,4 @@
-"""Byte-level training data: random windows of a file, or a synthetic passkey-retrieval task.
+"""Byte-level training data: random windows of a file or of a directory of files, or a synthetic passkey task.
 
 Every source yields `Batch(inputs, targets, answer_mask)` with `inputs`/`targets` `[B, T]` int64
 (targets are inputs shifted by one) and draws all randomness from one explicit `torch.Generator`,
@@ -8,23 +8,27 @@ Kinds:
     passkey  filler sentences with "The passkey is NNNNN." hidden at a random depth, ending with the
              question and the passkey again; `answer_mask` marks the target positions of the answer.
              Made in process, so the default run needs no download.
-    text     any file read as raw bytes (vocab 256), memory-mapped.
+    text     any file read as raw bytes (vocab 256), memory-mapped; its last `holdout` fraction is the
+             eval split.
+    files    a directory of text files (`path`, `glob`, `exclude`) read as bytes, split by document
+             (nsa_dist.data.corpus); `data=stdlib` is the running Python's standard library.
     tokens   a memory-mapped `.bin` of np.uint8, np.uint16 or np.uint32 token ids (`check_token_file`
              scans it once before training: ids below the vocabulary, the dtype plausible).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nsa_dist.data.batch import Batch, SeededStream, windows_to_batch
+from nsa_dist.data.corpus import SPLITS, read_directory_split, text_split
 from nsa_dist.data.tasks import build_task, check_task_config
 
-DATA_KINDS = ("passkey", "text", "tokens", "mqar", "needle")
-BYTE_KINDS = ("passkey", "text")
+DATA_KINDS = ("passkey", "text", "files", "tokens", "mqar", "needle")
+BYTE_KINDS = ("passkey", "text", "files")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 # Eval batches come from their own stream (seed + this offset), so they never repeat a training batch.
 EVAL_SEED_OFFSET = 1_000_003
@@ -38,6 +42,10 @@ class DataConfig:
     seq_len: int = 512
     path: str | None = None
     token_dtype: str = "uint16"
+    # text and files: the held-out share (of the file's tail, or of the documents); files: which files
+    glob: str = "**/*"
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns on the path relative to data.path
+    holdout: float = 0.05
     passkey_digits: int = 5
     # mqar and needle (nsa_dist.data.tasks): noise, key and value ids in model.vocab_size, then each task's shape
     filler_vocab: int = 64
@@ -60,7 +68,7 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if self.kind not in DATA_KINDS:
             raise ValueError(f"unknown data.kind={self.kind!r}: choose one of {DATA_KINDS} "
-                             f"(data=passkey, data=text or data=tokens)")
+                             f"(data=passkey, data=text, data=files, data=stdlib or data=tokens)")
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len must be positive, got {self.seq_len}")
         if self.kind in ("text", "tokens"):
@@ -68,6 +76,12 @@ class DataConfig:
                 raise ValueError(f"data={self.kind} reads a file: pass data.path=/path/to/file")
             if not Path(self.path).expanduser().is_file():
                 raise FileNotFoundError(f"data.path={self.path!r} does not exist or is not a file")
+        if self.kind == "files":
+            if not self.path or not Path(self.path).expanduser().is_dir():
+                raise FileNotFoundError(f"data=files reads a directory: data.path={self.path!r} is not one; pass "
+                                        f"data.path=/path/to/dir (and data.glob='**/*.py'), or use data=stdlib")
+        if self.kind in ("text", "files") and not 0 < self.holdout < 1:
+            raise ValueError(f"data.holdout is the held-out share of the data, in (0, 1): got {self.holdout}")
         if self.kind == "tokens" and self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"unknown data.token_dtype={self.token_dtype!r}: choose one of {TOKEN_DTYPES}")
         if self.kind == "passkey":
@@ -85,7 +99,7 @@ class WindowSampler(SeededStream):
     """Uniformly random windows of `seq_len + 1` tokens from a memory-mapped token array."""
 
     def __init__(self, tokens: np.ndarray, *, seq_len: int, vocab_size: int, generator: torch.Generator,
-                 source: str):
+                 source: str, documents: tuple[str, ...] = ()):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"{source} holds {len(tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}: "
                              f"use a longer file or a smaller data.seq_len")
@@ -94,6 +108,7 @@ class WindowSampler(SeededStream):
         self.vocab_size = vocab_size
         self.generator = generator
         self.source = source
+        self.documents = documents  # the files the tokens came from (data=text|files), for a study's record
 
     def sample(self, batch_size: int) -> Batch:
         starts = torch.randint(0, len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
@@ -215,14 +230,39 @@ def check_vocab_size(kind: str, vocab_size: int) -> None:
         raise ValueError(f"data={kind} is byte-level: model.vocab_size must be at least 256, got {vocab_size}")
 
 
-def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator) -> WindowSampler | PasskeyTask:
-    """The batch source `cfg` describes, drawing its randomness from `generator`."""
+def build_source(cfg: DataConfig, *, vocab_size: int, generator: torch.Generator,
+                 split: str = "train") -> WindowSampler | PasskeyTask:
+    """The batch source `cfg` describes, drawing its randomness from `generator`.
+
+    `split="eval"` is the held-out split of `data=text|files` (the trainer's eval batch, loss by position);
+    the synthetic tasks and token files have one stream, made different by the generator's seed."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
     check_vocab_size(cfg.kind, vocab_size)
     if cfg.kind == "passkey":
         return PasskeyTask(seq_len=cfg.seq_len, digits=cfg.passkey_digits, generator=generator)
     if cfg.kind in ("mqar", "needle"):
         return build_task(cfg, vocab_size=vocab_size, generator=generator)
-    dtype = "uint8" if cfg.kind == "text" else cfg.token_dtype
-    tokens = load_token_file(cfg.path, dtype)
-    return WindowSampler(tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, generator=generator,
-                         source=f"data.path={cfg.path!r}")
+    if cfg.kind == "tokens":
+        return WindowSampler(load_token_file(cfg.path, cfg.token_dtype), seq_len=cfg.seq_len, vocab_size=vocab_size,
+                             generator=generator, source=f"data.path={cfg.path!r}")
+    if cfg.kind == "files":
+        part = read_directory_split(cfg.path, glob=cfg.glob, exclude=cfg.exclude, holdout=cfg.holdout, split=split)
+    else:
+        part = text_split(load_token_file(cfg.path, "uint8"), path=cfg.path, holdout=cfg.holdout, split=split)
+    if len(part.tokens) < cfg.seq_len + 1:
+        raise ValueError(f"{part.what} holds {len(part.tokens)} bytes, fewer than data.seq_len + 1 = "
+                         f"{cfg.seq_len + 1}: use more data, a smaller data.seq_len or another data.holdout")
+    return WindowSampler(part.tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, generator=generator,
+                         source=part.what, documents=part.documents)
+
+
+def split_sizes(cfg: DataConfig, *, vocab_size: int) -> dict[str, int]:
+    """Files and bytes of the train and eval splits of `data=text|files`, each split read once: the refusals
+    (an empty directory, a glob that matches nothing, a split shorter than a window) come from here before
+    any rank starts."""
+    sizes = {}
+    for split in SPLITS:
+        source = build_source(cfg, vocab_size=vocab_size, generator=torch.Generator(), split=split)
+        sizes.update({f"{split}_documents": len(source.documents), f"{split}_bytes": len(source.tokens)})
+    return sizes

@@ -1,7 +1,7 @@
 """`build_model(model_cfg, nsa)`: the model the trainer trains, built the way a user's model comes in.
 
 - `kind="nsa"`: `NSATransformer`, passed through `convert_attention`, which keeps its NSA layers as
-  they are (with `attention="dense"` there is nothing to convert: it is the baseline).
+  they are (with `attention="dense"` or `"window"` there is nothing to convert: it is a baseline).
 - `kind="hf_llama"`: a Hugging Face `LlamaForCausalLM` of the ModelConfig's shape (random init, no
   download), or the local checkpoint at `pretrained_path` (loaded offline; its config must agree
   with the ModelConfig's fields, which the data and the FLOP count read, and the error names the
@@ -30,7 +30,7 @@ def build_model(model_cfg: ModelConfig, nsa: NSAConfig) -> nn.Module:
     """The model `model_cfg` describes, its attention NSA (with `nsa`) or dense; see the module docstring."""
     if model_cfg.kind == "nsa":
         model = NSATransformer(model_cfg, nsa)
-        return model if model_cfg.attention == "dense" else convert_attention(model, nsa)
+        return model if model_cfg.attention != "nsa" else convert_attention(model, nsa)
     causal_lm = _hf_llama(model_cfg)
     if model_cfg.attention == "nsa":
         causal_lm = convert_attention(causal_lm, nsa, gate_init=model_cfg.gate_init)

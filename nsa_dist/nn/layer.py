@@ -6,7 +6,8 @@
 `SparseAttention` is everything right of RoPE (φ, the gates, the op sequence), for a model that brings
 its own projections and rotary embedding; `NativeSparseAttention` owns one with `RotaryProjections`
 (q/k/v/o and RoPE). `DenseAttention` is the baseline every comparison runs against: the same
-projections module, then causal softmax attention over every past key (no φ, no gates).
+projections module, then causal softmax attention over every past key (no φ, no gates);
+`WindowAttention`, the other baseline, keeps NSA's sliding-window branch alone.
 One op sequence (nsa_dist.parallel.nsa_forward) serves one rank and a sequence shard alike; the ops
 live in nsa_dist.kernels, and these modules own only the parameters.
 """
@@ -19,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from nsa_dist.kernels import BACKENDS
-from nsa_dist.parallel import (ExchangeLog, PlanCache, SequenceParallel, document_positions, gather_sequence_kv,
-                               local_chunks, nsa_forward)
+from nsa_dist.kernels import BACKENDS, window_attention
+from nsa_dist.parallel import (ExchangeLog, ExchangeStats, PlanCache, SequenceParallel, all_gather_bytes,
+                               document_positions, gather_sequence_kv, local_chunks, nsa_forward)
+from nsa_dist.parallel.attention import with_halo
 
 COMPRESSIONS = ("mlp", "mean")
 
@@ -213,7 +215,21 @@ class NativeSparseAttention(nn.Module):
         return self.proj.output(self.nsa(x, q, k, v, cu_seqlens=cu_seqlens))
 
 
-class DenseAttention(ShardedAttention, nn.Module):
+class ProjectedAttention(ShardedAttention, nn.Module):
+    """What the baselines share with the NSA layer: its projections and RoPE (`proj`, same names and init),
+    applied at the global positions of this rank's tokens (`project`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope_theta: float):
+        super().__init__()
+        self.proj = RotaryProjections(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta)
+        self.plans = PlanCache()
+
+    def project(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None):
+        """q `[B, T, HQ, D]`, k, v `[B, T, H, D]` of this rank's `x`, rotated at their global positions."""
+        return self.proj(x, document_positions(self.sp, x.shape[1], cu_seqlens, x.device, plans=self.plans))
+
+
+class DenseAttention(ProjectedAttention):
     """Causal softmax attention over every past key (SDPA, GQA), NSA's baseline: the projections and RoPE of
     `NativeSparseAttention` (`proj`, same names and init), without φ and gates, so that a comparison of
     the two changes only the attention.
@@ -227,14 +243,11 @@ class DenseAttention(ShardedAttention, nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float = 10000.0):
-        super().__init__()
-        self.proj = RotaryProjections(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta)
-        self.plans = PlanCache()
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        T = x.shape[1]
-        sp = self.sp
-        q, k, v = self.proj(x, document_positions(sp, T, cu_seqlens, x.device, plans=self.plans))
+        T, sp = x.shape[1], self.sp
+        q, k, v = self.project(x, cu_seqlens)
         if sp is not None:
             k, v = gather_sequence_kv(k, v, sp, self.plans, self.exchange_log)  # (B, N, H, D) each, global order
         return self.proj.output(causal_attention(q, k, v, local_chunks(T, sp).starts, cu_seqlens))
@@ -266,4 +279,39 @@ def _sdpa(q, k, v, mask):
     return o.transpose(1, 2)
 
 
-ATTENTION_LAYERS = (SparseAttention, DenseAttention)  # what nsa_dist.nn.parallelize runs on sequence shards
+class WindowAttention(ProjectedAttention):
+    """Causal attention over the last `window` keys only (the query at `t` sees `(t - window, t]` of its
+    document): NSA without its compressed and selected branches, the baseline that shows what those
+    branches add at far positions. The projections and RoPE of `NativeSparseAttention` (`proj`), no
+    gates; the math is nsa_dist.kernels.window_attention (Triton on CUDA with `backend="auto"`).
+
+    `forward(x, *, cu_seqlens=None)` as the NSA layer's. Once parallelized over `sp`, `x` is this rank's
+    zigzag shard, and each local chunk receives the `window - 1` keys before it (the halo, NSA's own
+    exchange), whatever the length of the sequence.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int,
+                 rope_theta: float = 10000.0, backend: str = "auto"):
+        if window <= 0:
+            raise ValueError(f"model.attention=window attends over the last nsa.window keys: set nsa.window > 0, "
+                             f"got {window}")
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta)
+        self.window, self.backend = window, backend
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        T, sp = x.shape[1], self.sp
+        q, k, v = self.project(x, cu_seqlens)
+        chunks = local_chunks(T, sp)
+        extended, halo_bytes = with_halo([k, v], sp, self.window - 1, self.plans)  # [((k, v) with halo, first)]
+        outs = [window_attention(qj, kv[0], kv[1], window=self.window, q_offset=start, k_offset=first,
+                                 cu_seqlens=cu_seqlens, backend=self.backend)
+                for qj, start, (kv, first) in zip(q.split(chunks.chunk_len, 1), chunks.starts, extended)]
+        if sp is not None and self.exchange_log is not None:
+            # against what dense attention's all-gather of the same K/V sends
+            gathered = all_gather_bytes(T, 2 * k[:, :1].numel() * k.element_size(), sp.size)
+            self.exchange_log.record(ExchangeStats(mode="halo", fell_back=False, exchange_bytes=0, halo_bytes=halo_bytes,
+                                                   compressed_bytes=0, allgather_bytes=gathered, blocks_fetched=0))
+        return self.proj.output(torch.cat(outs, 1))  # (B, T, hidden)
+
+
+ATTENTION_LAYERS = (SparseAttention, DenseAttention, WindowAttention)  # what nsa_dist.nn.parallelize runs on sequence shards

@@ -1,5 +1,5 @@
-"""A small LLaMA-style decoder whose attention is NSA (or, as the baseline, dense): RMSNorm, RoPE on global
-positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.nn.build.build_model)."""
+"""A small LLaMA-style decoder whose attention is NSA (or, as a baseline, dense or sliding-window): RMSNorm,
+RoPE on global positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.nn.build.build_model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nsa_dist.nn.convert import GATE_INITS
-from nsa_dist.nn.layer import DenseAttention, NativeSparseAttention, NSAConfig
+from nsa_dist.nn.layer import DenseAttention, NativeSparseAttention, NSAConfig, WindowAttention
 
 MODEL_KINDS = ("nsa", "hf_llama")
-ATTENTIONS = ("nsa", "dense")
+ATTENTIONS = ("nsa", "dense", "window")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class ModelConfig:
     """The architecture, and which model is built from it: `kind="nsa"` is `NSATransformer`,
     `kind="hf_llama"` a Hugging Face `LlamaForCausalLM` of the same shape (or loaded from
     `pretrained_path`) converted to NSA with `gate_init`. `attention="dense"` keeps full causal
-    attention instead of NSA, the baseline of every comparison."""
+    attention instead of NSA, the baseline of every comparison; `attention="window"` (kind nsa) attends
+    over the last `nsa.window` keys only, NSA less its compressed and selected branches."""
 
     vocab_size: int = 256
     hidden_size: int = 256
@@ -56,6 +57,8 @@ class ModelConfig:
         for name, allowed in (("kind", MODEL_KINDS), ("attention", ATTENTIONS), ("gate_init", GATE_INITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"invalid model config: {name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.attention == "window" and self.kind != "nsa":
+            raise ValueError(f"invalid model config: attention=window is built for kind=nsa, not kind={self.kind}")
         if self.pretrained_path is not None and self.kind != "hf_llama":
             raise ValueError(f"invalid model config: pretrained_path is read by kind=hf_llama only, not "
                              f"kind={self.kind}")
@@ -91,6 +94,9 @@ class DecoderLayer(nn.Module):
         if config.attention == "dense":
             self.attn = DenseAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                        rope_theta=config.rope_theta)
+        elif config.attention == "window":
+            self.attn = WindowAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                                        window=nsa.window, rope_theta=config.rope_theta, backend=nsa.backend)
         else:
             self.attn = NativeSparseAttention(config.hidden_size, config.num_heads, config.num_kv_heads,
                                               config.head_dim, nsa, rope_theta=config.rope_theta)
@@ -105,7 +111,8 @@ class DecoderLayer(nn.Module):
 class NSATransformer(nn.Module):
     """`model(tokens [B, T], cu_seqlens=None) -> logits [B, T, vocab]`; `cu_seqlens` packs documents (B == 1).
 
-    Its attention is NSA, or `DenseAttention` with `config.attention="dense"` (which reads no NSAConfig).
+    Its attention is NSA, or `DenseAttention` with `config.attention="dense"` (which reads no NSAConfig),
+    or `WindowAttention` with `config.attention="window"` (which reads `nsa.window` and `nsa.backend`).
 
     After `nsa_dist.parallelize(model, sp)`, `tokens` is this rank's zigzag shard (nsa_dist.parallel.shard)
     and the logits are the shard of the full-sequence logits; `cu_seqlens` stays global.

@@ -120,4 +120,7 @@ class RunConfig:
             raise ValueError("trainer.nan_policy=skip works on the plain torch path only: DeepSpeed has applied "
                              "the update by the time it knows the gradient norm; use trainer.nan_policy=stop "
                              "with zero=stage1|2|3, or zero=none")
+        if self.model.attention == "window" and not self.nsa.window:
+            raise ValueError("model.attention=window attends over the last nsa.window keys, and nsa.window=0: "
+                             "set nsa.window (e.g. nsa.window=512)")
         check_vocab_size(self.data.kind, self.model.vocab_size)

@@ -118,7 +118,8 @@ def _build_job(run: RunConfig, device: torch.device, dist_ctx: DistributedContex
     # keep their shards of it. Eval batches are the same everywhere.
     source = build_source(run.data, vocab_size=run.model.vocab_size,
                           generator=torch.Generator().manual_seed(cfg.seed + mesh.dp_rank))
-    eval_source = build_source(run.data, vocab_size=run.model.vocab_size,
+    # Text and files hold out a split: evaluation reads only bytes that training never sees.
+    eval_source = build_source(run.data, vocab_size=run.model.vocab_size, split="eval",
                                generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
     eval_batch = eval_source.sample(cfg.eval_batch_size)
     # DeepSpeed's bf16 runs the whole module in bf16 with fp32 master weights; autocast is the torch path's.

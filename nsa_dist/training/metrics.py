@@ -12,7 +12,8 @@ two matmuls per forward matmul). Matmuls cost 2 FLOPs per multiply-add. Per laye
 - sliding window: `4 * HQ * D * sum_t min(w, t + 1)`.
 
 With `model.attention=dense` (the SDPA baseline) a layer has no φ and no gates, and its attention is
-`4 * HQ * D * sum_t (t + 1)`.
+`4 * HQ * D * sum_t (t + 1)`; with `model.attention=window` neither, and its attention is the sliding
+window's alone, `4 * HQ * D * sum_t min(w, t + 1)`.
 
 Plus the LM head `2 * T * hidden * vocab`. The embedding lookup is free. Causal sums are exact
 (counted per position), so a short sequence is not charged for keys it cannot see. Model FLOPs
@@ -54,12 +55,19 @@ def dense_attention_flops(seq_len: int, model: ModelConfig) -> int:
     return 4 * model.num_heads * model.head_dim * _causal_sum(seq_len, lambda t: t + 1)
 
 
+def window_attention_flops(seq_len: int, model: ModelConfig, window: int) -> int:
+    """Forward FLOPs of one layer's sliding-window attention alone (the `model.attention=window` baseline)."""
+    return 4 * model.num_heads * model.head_dim * _causal_sum(seq_len, lambda t: np.minimum(window, t + 1))
+
+
 def model_flops_per_sequence(seq_len: int, model: ModelConfig, nsa: NSAConfig, *, training: bool = True) -> int:
     hidden, hq, h, d = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
     mlp_and_attention_out = hq * d * hidden + 3 * hidden * model.ffn_size
-    if model.attention == "dense":
+    if model.attention in ("dense", "window"):
         dense = hidden * hq * d + hidden * 2 * h * d + mlp_and_attention_out
-        per_layer = 2 * seq_len * dense + dense_attention_flops(seq_len, model)
+        attention = (dense_attention_flops(seq_len, model) if model.attention == "dense"
+                     else window_attention_flops(seq_len, model, nsa.window))
+        per_layer = 2 * seq_len * dense + attention
     else:
         kv_sets = 3 if nsa.separate_kv else 1
         branches = 3 if nsa.window else 2
