@@ -10,8 +10,9 @@ group size G = HQ / H, head dims D for q/k and Dv for v):
 
 `q_offset` / `k_offset` give the global index of the first query / key when a tensor holds a
 slice of the sequence (a sequence-parallel shard, a halo); `cu_seqlens` (`[num_docs + 1]`,
-B == 1) packs documents and must reach at least the end of the furthest slice. Positions, documents and causality all
-follow from the offsets and `cu_seqlens`; no op needs the length of the whole sequence. Backends:
+B == 1) packs documents and must reach at least the end of the furthest slice. Positions, documents
+and causality all follow from the offsets and `cu_seqlens`; no op needs the length of the whole
+sequence. Backends:
 "torch" (`naive.py`, fp32, any device), "triton" (CUDA, or `TRITON_INTERPRET=1`), "auto" (triton on
 CUDA tensors when Triton is installed, torch otherwise, with a warning on CUDA).
 
