@@ -6,6 +6,11 @@ from dataclasses import dataclass
 KINDS = ("local", "torchrun", "ray", "slurm")
 BACKENDS = ("auto", "gloo", "nccl")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# The fields only one kind reads: set for another kind, they would be ignored without a word.
+KIND_FIELDS = {"torchrun": ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "rdzv_timeout_s",
+                            "max_restarts"),
+               "ray": ("num_workers", "address", "use_gpu", "cpus_per_worker", "placement_strategy",
+                       "placement_timeout_s", "connect_timeout_s", "loopback")}
 
 
 @dataclass(frozen=True)
@@ -49,4 +54,21 @@ class LauncherConfig:
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"unknown launcher.placement_strategy={self.placement_strategy!r}: "
                              f"choose one of {PLACEMENT_STRATEGIES}")
+        defaults = LauncherConfig.__dataclass_fields__
+        for kind, names in KIND_FIELDS.items():
+            if kind == self.kind:
+                continue
+            for name in names:
+                if getattr(self, name) == defaults[name].default or self._same_rank_count(name):
+                    continue
+                raise ValueError(f"launcher.{name}={getattr(self, name)} is read by launcher={kind} only, and this "
+                                 f"run has launcher={self.kind}: add launcher={kind}, or drop the setting")
         return self
+
+    def _same_rank_count(self, name: str) -> bool:
+        """A rank count set for another launcher that agrees with this one's: the scaling experiments tie both
+        to parallel.sp_size so that either launcher runs them (Slurm's count is known in the job only)."""
+        if name not in ("nproc_per_node", "num_workers") or self.kind == "local":
+            return False
+        own = {"torchrun": self.nproc_per_node * self.nnodes, "ray": self.num_workers}.get(self.kind)
+        return own is None or getattr(self, name) == own

@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from nsa_dist.eval import OneLineParser
 from nsa_dist.training.checkpoint import load_final_model
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nsa_dist.export", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m nsa_dist.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a model=hf_llama run's final.pt")
     p.add_argument("out", type=Path, help="the Hugging Face directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty OUT_DIR")

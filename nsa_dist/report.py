@@ -62,6 +62,14 @@ def robust(values_by_step: dict[int, float] | None) -> float | None:
     return statistics.median(values_by_step[s] for s in kept)
 
 
+# The keys a scaling sweep varies (and what follows from them); runs that differ in any other key measure
+# different things and are compared in groups of their own.
+SWEPT_KEYS = ("parallel.sp_size", "parallel.dp_size", "data.seq_len")
+# Keys that say how a run was started or kept, not what it computes.
+UNCOMPARED_PREFIXES = ("launcher.", "trainer.resume", "trainer.checkpoint_", "trainer.move_old_run",
+                       "trainer.progress_bar", "trainer.log_every", "trainer.eval_every")
+
+
 @dataclass
 class Run:
     path: Path
@@ -72,6 +80,21 @@ class Run:
     world_size: int
     scalars: dict
     step_log: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # flattened, every key
+    steps: int | None = None  # trainer.steps asked
+    finished: bool = True  # wrote final.pt
+    group: str = ""  # the label of its config group, when the runs differ beyond SWEPT_KEYS
+
+    @property
+    def state(self) -> str:
+        if self.finished:
+            return "finished"
+        logged = max((r["step"] for r in self.step_log if "step" in r), default=-1) + 1
+        return f"unfinished ({logged} of {self.steps} steps, no final.pt)"
+
+    def compared_config(self) -> dict:
+        return {k: v for k, v in self.config.items()
+                if k not in SWEPT_KEYS and not k.startswith(UNCOMPARED_PREFIXES)}
 
     def stat(self, tag: str) -> float | None:
         return robust(self.scalars.get(tag))
@@ -123,13 +146,58 @@ def load_run(path: Path, root_names: list[Path]) -> Run:
         step_log = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     name = next((str(path.relative_to(r)) for r in root_names if path.is_relative_to(r) and path != r), path.name)
     return Run(path=path, name=name, P=P, N=int(OmegaConf.select(cfg, "data.seq_len")), dp=max(1, world // P),
-               world_size=world,
-               scalars=read_scalars(path / "tensorboard"), step_log=step_log)
+               world_size=world, scalars=read_scalars(path / "tensorboard"), step_log=step_log,
+               config=_flatten(OmegaConf.to_container(cfg, resolve=True)),
+               steps=OmegaConf.select(cfg, "trainer.steps", default=None), finished=(path / "final.pt").is_file())
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def group_runs(runs: list[Run]) -> list[str]:
+    """Label each run's config group (A, B, ...) when the runs differ beyond the swept keys; returns one line
+    per group saying how it differs from the first."""
+    configs: list[dict] = []
+    for run in runs:
+        if run.compared_config() not in configs:
+            configs.append(run.compared_config())
+    if len(configs) < 2:
+        return []
+    for run in runs:
+        run.group = chr(ord("A") + configs.index(run.compared_config()))
+    first = configs[0]
+    lines = []
+    for i, config in enumerate(configs[1:], 1):
+        keys = sorted(k for k in set(first) | set(config) if first.get(k) != config.get(k))
+        shown = ", ".join(f"{k}={config.get(k)} (A: {first.get(k)})" for k in keys[:6])
+        lines.append(f"- group {chr(ord('A') + i)}: {shown}{' ...' if len(keys) > 6 else ''}")
+    return lines
+
+
+def duplicate_points(runs: list[Run]) -> list[str]:
+    """One line per (group, P, N, dp) that more than one run measured: which run the speed-ups use."""
+    seen: dict[tuple, list[Run]] = {}
+    for run in runs:
+        seen.setdefault((run.group, run.P, run.N, run.dp), []).append(run)
+    return [f"- {len(same)} runs at P={P}, N={N}, dp={dp}{f' in group {g}' if g else ''} "
+            f"({', '.join(r.name for r in same)}): repeats or unrelated runs; speed-ups use {same[0].name}"
+            for (g, P, N, dp), same in seen.items() if len(same) > 1]
 
 
 def baseline_of(run: Run, runs: list[Run]) -> Run | None:
-    """The P = 1 run of the same N and data-parallel degree (the first, in path order)."""
-    return next((b for b in runs if b.P == 1 and b.N == run.N and b.dp == run.dp and b.tokens_per_s), None)
+    """The P = 1 run of the same N, data-parallel degree and config group (the first, in path order)."""
+    return next((b for b in runs if b.P == 1 and b.N == run.N and b.dp == run.dp and b.group == run.group
+                 and b.tokens_per_s), None)
+
+
+SUPERLINEAR = "†"
 
 
 def load_projections(files: list[Path]) -> list[dict]:
@@ -165,7 +233,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def measured_table(runs: list[Run], projections: list[dict]) -> str:
-    header = ["run", "P", "N", "GPUs", "tokens/s", "tokens/s/GPU", "speed-up", "ideal", "efficiency",
+    header = ["run", "state", "group", "P", "N", "GPUs", "tokens/s", "tokens/s/GPU", "speed-up", "ideal", "efficiency",
               "step ms", "compute ms", "exchange ms", "compressed all-gather ms", "halo ms", "exchanged MB",
               "halo+cmp MB",
               "all-gather MB", "exchanged / all-gather", "peak mem GiB", "MFU", "projected tokens/s (Δ)"]
@@ -180,9 +248,11 @@ def measured_table(runs: list[Run], projections: list[dict]) -> str:
         proj = projection_for(run, projections)
         proj_cell = MISSING if proj is None else \
             f"{proj['tokens_per_s']:.3g} ({rel_diff(run.tokens_per_s, proj['tokens_per_s'])})"
-        rows.append([run.name, str(run.P), str(run.N), str(run.world_size), fmt(run.tokens_per_s),
-                     fmt(run.tokens_per_s_per_gpu), fmt(speedup, ".2f"), str(run.P) if base else MISSING,
-                     fmt(speedup / run.P if speedup else None, ".0%"), fmt(run.step_s, ".1f", 1e3),
+        efficiency = speedup / run.P if speedup else None
+        efficiency_cell = fmt(efficiency, ".0%") + (f" {SUPERLINEAR}" if efficiency and efficiency > 1 else "")
+        rows.append([run.name, run.state, run.group or MISSING, str(run.P), str(run.N), str(run.world_size),
+                     fmt(run.tokens_per_s), fmt(run.tokens_per_s_per_gpu), fmt(speedup, ".2f"),
+                     str(run.P) if base else MISSING, efficiency_cell, fmt(run.step_s, ".1f", 1e3),
                      fmt(split["compute"], ".1f", 1e3), fmt(split["exchange"], ".2f", 1e3),
                      fmt(split["compressed all-gather"], ".2f", 1e3), fmt(split["halo"], ".2f", 1e3),
                      fmt(exchanged, ".3g", 1e-6), fmt(side, ".3g", 1e-6), fmt(allgather, ".3g", 1e-6),
@@ -354,9 +424,9 @@ def write_report(paths: list[Path], out: Path, projection_files: list[Path] = ()
     projections = load_projections(list(projection_files))
     if not runs and not projections:
         raise SystemExit(f"no runs (a directory with .hydra/config.yaml and tensorboard/) under {paths}")
+    groups = group_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [p for p in (plot_speedup(runs, projections, out), plot_tokens_per_gpu(runs, projections, out),
-                         plot_time_split(runs, out), plot_bytes(runs, out), plot_memory(runs, out)) if p]
+    plots = _plots(runs, projections, out)
     parts = ["# Scaling report", "",
              f"{len(runs)} measured run(s) from {', '.join(str(p) for p in paths)}. Every measured figure is the "
              f"{STATISTIC}. Speed-up is tokens/s over the P = 1 run of the same N and data-parallel degree; "
@@ -366,6 +436,7 @@ def write_report(paths: list[Path], out: Path, projection_files: list[Path] = ()
         parts += [f"The runs log no communication timers ({', '.join(COMM_TIMERS.values())}; a run logs them "
                   "with parallel.time_collectives=true): compute is forward + backward + optimizer and includes "
                   "any communication.", ""]
+    parts += _caveats(runs, groups)
     parts += ["## Measured", "", measured_table(runs, projections) if runs else "No measured runs.", ""]
     if projections:
         parts += ["## Projections (modelled, not measured)", "",
@@ -381,6 +452,41 @@ def write_report(paths: list[Path], out: Path, projection_files: list[Path] = ()
     report = out / "report.md"
     report.write_text("\n".join(parts))
     return report
+
+
+def _caveats(runs: list[Run], groups: list[str]) -> list[str]:
+    """What the table compares that a reader must know: unfinished runs, config groups, repeated points,
+    efficiencies above 100 %."""
+    parts = []
+    unfinished = [run for run in runs if not run.finished]
+    if unfinished:
+        parts += [f"**{len(unfinished)} unfinished run(s)** (no final.pt: stopped, failed or still running; their "
+                  f"figures cover only the steps logged): {', '.join(r.name for r in unfinished)}.", ""]
+    if groups:
+        parts += ["**The runs differ beyond the swept keys** (" + ", ".join(SWEPT_KEYS) + "): they are compared only "
+                  "within their group (column `group`); each group's speed-ups use its own P = 1 run.", "", *groups, ""]
+    repeated = duplicate_points(runs)
+    if repeated:
+        parts += ["**Several runs measured the same point**:", "", *repeated, ""]
+    superlinear = [run for run in runs if (base := baseline_of(run, runs)) and run.tokens_per_s
+                   and run.tokens_per_s / base.tokens_per_s / run.P > 1]
+    if superlinear:
+        parts += [f"{SUPERLINEAR} Efficiency above 100 % ({', '.join(r.name for r in superlinear)}): more than P "
+                  "times the P = 1 run's throughput is rarely real; most often the baseline ran slower (another "
+                  "load on the machine, a repeat of the same point, a shorter or unfinished run). Check before "
+                  "quoting it.", ""]
+    return parts
+
+
+def _plots(runs: list[Run], projections: list[dict], out: Path) -> list[Path]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        print(f"nsa_dist.report: warning: no plots, matplotlib does not import ({e}): pip install "
+              "'nsa_dist[report]' for them; report.md has every table", file=sys.stderr)
+        return []
+    return [p for p in (plot_speedup(runs, projections, out), plot_tokens_per_gpu(runs, projections, out),
+                        plot_time_split(runs, out), plot_bytes(runs, out), plot_memory(runs, out)) if p]
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nsa_dist.training.checkpoint import load_file
+from nsa_dist.training.files import write_digest
 from nsa_dist.train import error_line, main
 
 TINY = ("model.num_layers=1", "data.seq_len=128", "trainer.batch_size=2", "trainer.eval_batch_size=2",
@@ -81,11 +82,12 @@ class _CreatesFile:
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_unrun(compose_config, tmp_path, checkpoints, fault_case, name):
     marker = tmp_path / "created_by_the_pickle"
     torch.save({"step": 4, "payload": _CreatesFile(marker)}, checkpoints / "step_00000004" / name)
+    write_digest(checkpoints / "step_00000004" / name)  # the digest matches: only the pickle check stands in the way
     error = fails(compose_config, "trainer.steps=6", f"trainer.checkpoint_dir={checkpoints}", run_dir=tmp_path / "run")
     assert not marker.exists(), "the checkpoint's pickle ran"
     assert str(checkpoints / "step_00000004" / name) in str(error) and "refused unread" in str(error)
     fault_case(f"crafted_pickle_{name.split('.')[0]}", f"`trainer.resume=auto` with a {name} whose pickle calls "
-               "open()", exit_code=1, seen=error_line(error))
+               "open() (and a digest that matches it)", exit_code=1, seen=error_line(error))
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(compose_config, tmp_path, checkpoints, fault_case,
@@ -126,7 +128,7 @@ def test_a_resume_into_another_config_is_refused_by_key(compose_config, tmp_path
                                                         key):
     error = fails(compose_config, "trainer.steps=6", override, f"trainer.checkpoint_dir={checkpoints}",
                   run_dir=tmp_path / "r")
-    assert key in str(error) and "trainer.resume=never" in str(error)
+    assert key in str(error) and "another hydra.run.dir" in str(error)
     assert ("trainer.resume_accept=" in str(error)) == (not override.startswith("model"))
     fault_case(f"resume_changed_{override.split('=')[0].replace('.', '_')}", f"resume with {given(override)}",
                exit_code=1, seen=error_line(error))
@@ -291,3 +293,35 @@ def test_slurm_outside_a_slurm_job_says_how_to_submit(compose_config, tmp_path, 
 def test_a_finite_run_evaluates_after_saving(compose_config, tmp_path):
     result = main(compose_config(*TINY, "trainer.steps=2"), run_dir=tmp_path)
     assert result.checkpoint.exists() and math.isfinite(result.eval_metrics["loss"])
+
+
+def test_a_damaged_byte_in_a_checkpoint_named_by_path_is_named(compose_config, tmp_path, checkpoints, fault_case):
+    from test_reliability_runs import flip_a_tensor_byte
+
+    damaged = checkpoints / "step_00000004" / "model_optimizer.pt"
+    flip_a_tensor_byte(damaged)
+    error = fails(compose_config, "trainer.steps=6", f"trainer.resume={checkpoints / 'step_00000004'}",
+                  run_dir=tmp_path / "r")
+    assert f"{damaged} is damaged: its SHA-256" in str(error)
+    fault_case("damaged_byte_by_path", "`trainer.resume=<step_4>` whose model_optimizer.pt has one bit flipped in a "
+               "tensor", exit_code=1, seen=error_line(error))
+
+
+def test_shard_batch_names_the_length_to_pad_to(fault_case):
+    from types import SimpleNamespace
+
+    from nsa_dist import shard_batch
+
+    # shard_batch reads only the sp handle's size before it fails; a 2-rank group needs no second process here.
+    sp = SimpleNamespace(size=2, rank=0)
+    batch = {"input_ids": torch.zeros(1, 100, dtype=torch.long)}
+    with pytest.raises(ValueError) as caught:
+        shard_batch(batch, sp, select_size=16)
+    assert "pad it to a multiple of 64 tokens" in str(caught.value)
+    fault_case("shard_batch_padding_hint", "`shard_batch(batch, sp, select_size=16)` of 100 tokens at P = 2",
+               exit_code=1, seen=error_line(caught.value))
+    with pytest.raises(ValueError) as caught:
+        shard_batch({"input_ids": torch.zeros(1, 102, dtype=torch.long)}, sp)
+    assert "pad it to a multiple of 4 x the model's nsa select_size" in str(caught.value)
+    fault_case("shard_batch_padding_hint_without_select_size", "`shard_batch(batch, sp)` of 102 tokens at P = 2",
+               exit_code=1, seen=error_line(caught.value))

@@ -4,6 +4,7 @@ whose relaunch resumes from the last checkpoint (two ranks started by torch's el
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,9 +48,13 @@ def test_plain_torch_resume_redraws_the_same_batches(compose_config, tmp_path):
     resumed = main(compose_config(*steps, f"trainer.resume={checkpoint}"), run_dir=tmp_path / "resumed")
     assert resumed.start_step == 2 and resumed.resumed_from == checkpoint
     assert resumed.losses == whole.losses[2:]
-    fresh = main(compose_config(*steps, "trainer.resume=never", "trainer.checkpoint_dir="
-                                f"{tmp_path / 'whole' / 'checkpoints'}"), run_dir=tmp_path / "fresh")
+    over_whole = (*steps, "trainer.resume=never", f"trainer.checkpoint_dir={tmp_path / 'whole' / 'checkpoints'}")
+    # A new run over another run's checkpoints would rotate them away: refused, unless they are moved aside.
+    with pytest.raises(RuntimeError, match="trainer.move_old_run=true"):
+        main(compose_config(*over_whole), run_dir=tmp_path / "fresh")
+    fresh = main(compose_config(*over_whole, "trainer.move_old_run=true"), run_dir=tmp_path / "fresh")
     assert fresh.start_step == 0 and fresh.losses == whole.losses
+    assert (next((tmp_path / "whole").glob("checkpoints.moved-*")) / "step_00000004" / "COMPLETE").is_file()
 
 
 def test_kill_one_rank_then_relaunch_resumes_from_the_last_checkpoint(tmp_path):
@@ -78,11 +83,13 @@ def test_kill_one_rank_then_relaunch_resumes_from_the_last_checkpoint(tmp_path):
 
     code, out = finish(launch(run_dir, "trainer.resume=auto"))
     assert code == 0, out[-4000:]
-    after = logged_losses(run_dir)[len(before):]
-    resumed_at = after[0]["step"]
+    logged = logged_losses(run_dir)
+    # The steps redone after the checkpoint replace their records from before the kill: each step once.
+    assert [row["step"] for row in logged] == list(range(STEPS))
+    resumed_at = int(re.search(r"resumed from \S+/step_(\d{8})", out).group(1))
     assert resumed_at % EVERY == 0 and 0 <= completed - resumed_at <= EVERY, \
         f"{completed} steps were done before the kill, the relaunch started at {resumed_at}"
-    assert [row["step"] for row in after] == list(range(resumed_at, STEPS))
+    after = logged[resumed_at:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{resumed_at:08d}'}" in out
     for row in after:
         assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-6, abs=1e-7), f"step {row['step']}"

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from nsa_dist.data.batch import Batch
-from nsa_dist.parallel import SequenceParallel, packed_cu_seqlens, shard
+from nsa_dist.parallel import SequenceParallel, check_length, packed_cu_seqlens, shard
 
 IGNORE_INDEX = -100
 
@@ -34,7 +34,8 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
     return shifted
 
 
-def shard_batch(batch, sp: SequenceParallel | None, *, ignore_index: int = IGNORE_INDEX):
+def shard_batch(batch, sp: SequenceParallel | None, *, ignore_index: int = IGNORE_INDEX,
+                select_size: int | None = None):
     """This rank's shard of a replica's batch, labels shifted first.
 
     - `nsa_dist.data.Batch` (the trainer's; its targets are shifted already): a Batch of shards.
@@ -49,7 +50,13 @@ def shard_batch(batch, sp: SequenceParallel | None, *, ignore_index: int = IGNOR
     Call the model on the inputs (`model(**batch)` for a dict without `labels`, or
     `model(input_ids=..., cu_seqlens=...)`) and `causal_lm_loss(logits, labels, sp)`. Without `sp`
     nothing is sharded, only shifted.
+
+    Under `sp` the sequence must split into 2P zigzag chunks of whole selection blocks: a multiple of
+    2P x the model's `select_size`. Pass `select_size` (the NSAConfig's) to have that checked here, so that
+    the error names the length to pad to, not only the 2P chunks.
     """
+    if sp is not None:
+        _check_shardable(batch, sp, select_size)
     if isinstance(batch, Batch):
         if sp is None:
             return batch
@@ -83,3 +90,18 @@ def _shard_dict(batch: dict, sp: SequenceParallel | None, ignore_index: int) -> 
         batch["cu_seqlens"] = cu
     return {k: shard(v, sp) if isinstance(v, torch.Tensor) and k != "cu_seqlens" and tuple(v.shape[:2]) == rows
             else v for k, v in batch.items()}
+
+
+def _check_shardable(batch, sp: SequenceParallel, select_size: int | None) -> None:
+    inputs = batch.inputs if isinstance(batch, Batch) else batch.get("input_ids") if isinstance(batch, Mapping) \
+        else batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return  # the type errors below name what was passed
+    try:
+        check_length(inputs.shape[1], sp.size, multiple=select_size or 1, what="the batch's sequence")
+    except ValueError as e:
+        if select_size:
+            raise
+        raise ValueError(f"{e} x the model's nsa select_size (each zigzag chunk must be whole selection blocks: "
+                         f"{2 * sp.size} x 64 = {2 * sp.size * 64} tokens for select_size=64); pass "
+                         "shard_batch(..., select_size=nsa_config.select_size) to be told the exact length") from e

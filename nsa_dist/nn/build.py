@@ -13,6 +13,8 @@ Either way `forward(tokens [B, T]) -> logits [B, T, vocab]`; `nsa_dist.nn.parall
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -75,8 +77,14 @@ def _hf_llama(model_cfg: ModelConfig) -> nn.Module:
 
     if model_cfg.pretrained_path is None:
         return LlamaForCausalLM(llama_config(model_cfg))
-    causal_lm = AutoModelForCausalLM.from_pretrained(model_cfg.pretrained_path, local_files_only=True,
-                                                     attn_implementation="sdpa", dtype=torch.float32)
+    path = os.path.expanduser(model_cfg.pretrained_path)
+    try:
+        causal_lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                                         dtype=torch.float32)
+    except OSError as e:
+        raise FileNotFoundError(f"model.pretrained_path={model_cfg.pretrained_path!r} is neither a directory here nor "
+                                "a model in the local Hugging Face cache (nothing is downloaded): give the directory "
+                                "save_pretrained wrote, or fetch the model first (huggingface-cli download <repo>)") from e
     _check_matches(model_cfg, causal_lm.config)
     return causal_lm
 

@@ -2,7 +2,9 @@
 RoPE on global positions, SwiGLU. `ModelConfig` also says which model the trainer builds (nsa_dist.nn.build.build_model)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -51,6 +53,13 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"invalid model config: {name} must be positive, got {getattr(self, name)}")
+        # Either makes every forward NaN (RoPE's frequencies theta^(-2i/d), RMSNorm's sqrt(mean(x^2) + eps)).
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"invalid model config: rope_theta={self.rope_theta} makes the rotary frequencies "
+                             "non-finite and every loss NaN; use a positive value (the usual one is 10000)")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ValueError(f"invalid model config: norm_eps={self.norm_eps} puts a negative or non-finite number "
+                             "under RMSNorm's square root, and every loss is NaN; use a small positive value (1e-5)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"invalid model config: num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
@@ -62,6 +71,13 @@ class ModelConfig:
         if self.pretrained_path is not None and self.kind != "hf_llama":
             raise ValueError(f"invalid model config: pretrained_path is read by kind=hf_llama only, not "
                              f"kind={self.kind}")
+        # A path (not a Hub repo id such as org/name) that is not there would reach Hugging Face's loader,
+        # whose message speaks of repo ids.
+        if self.pretrained_path and self.pretrained_path.startswith(("/", ".", "~")) \
+                and not (Path(self.pretrained_path).expanduser() / "config.json").is_file():
+            what = "has no config.json" if Path(self.pretrained_path).expanduser().is_dir() else "does not exist"
+            raise ValueError(f"invalid model config: pretrained_path={self.pretrained_path!r} {what}: give the "
+                             "directory save_pretrained wrote (config.json and the weights)")
         return self
 
 

@@ -13,7 +13,8 @@ system is atomic, so a crash at any moment leaves the previous finished checkpoi
 config), `data_rank{r}.pt` rank r's place in its data stream and `rng_rank{r}.pt` every RNG of rank r
 (Python, NumPy, torch CPU and CUDA, all as tensors and plain values), so step k+1 after a resume draws
 the same batch as the uninterrupted run. Every file is read with `torch.load(weights_only=True)`: a
-file whose pickle would build anything but tensors and plain containers is refused, not run.
+file whose pickle would build anything but tensors and plain containers is refused, not run, and every
+file carries its SHA-256 beside it (`<file>.sha256`, nsa_dist.training.files), checked before it is read.
 `TrainerCheckpoints` ties this to the training loop's engine, data source and mesh, falls back to the
 previous finished checkpoint when the newest is damaged, and refuses a resume into a changed config.
 """
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nsa_dist.training.files import (CheckpointError, DamagedCheckpointError, deepspeed_globals, load_file,
-                                     save_atomically)
+from nsa_dist.training.files import (CheckpointError, DamagedCheckpointError, deepspeed_globals, digest_path,
+                                     load_file, save_atomically, write_digest)
 
 from nsa_dist.nn.build import build_model
 from nsa_dist.nn.layer import NSAConfig
@@ -56,6 +57,11 @@ _MESH_KEYS = ("parallel.dp_size", "parallel.sp_size")
 ACCEPTABLE_CHANGES = ("data.*", "nsa.stride", "nsa.top_n", "nsa.num_init", "nsa.num_local", "nsa.backend",
                       "model.rope_theta", "model.norm_eps", "parallel.exchange", "parallel.fallback",
                       "parallel.check_inputs")
+
+
+def run_sections(run) -> dict:
+    """The sections of a RunConfig that a checkpoint carries and a resume compares."""
+    return {name: dataclasses.asdict(getattr(run, name)) for name in CONFIG_SECTIONS}
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -94,8 +100,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Every file of a finished checkpoint opens with weights_only=True (memory-mapped: the pickles and
-    the zip directories are read, the tensor bytes are not)."""
+    """Every file of a finished checkpoint matches its digest and opens with weights_only=True
+    (memory-mapped: past the digest, the pickles and the zip directories are read, the tensor bytes are not)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".pt", ".pth"))
     if not (path / "trainer.pt").is_file():
@@ -161,11 +167,15 @@ class CheckpointDir:
             partial.mkdir(parents=True)
         _barrier()
         write(partial)
-        torch.save(rng_state(), partial / f"rng_rank{_rank()}.pt")
+        save_atomically(rng_state(), partial / f"rng_rank{_rank()}.pt")
         if _is_main():
-            torch.save({"step": step, **trainer_state}, partial / "trainer.pt")
+            save_atomically({"step": step, **trainer_state}, partial / "trainer.pt")
         _barrier()
         if _is_main():
+            # DeepSpeed writes its own files; their digests are taken here, once every rank has written.
+            for file in partial.rglob("*.pt"):
+                if not digest_path(file).is_file():
+                    write_digest(file)
             (partial / _COMPLETE).write_text(f"{step}\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
@@ -270,7 +280,7 @@ def checkpoint_to_resume(resume: str, checkpoints: CheckpointDir) -> Path | None
     if damaged:
         raise DamagedCheckpointError(
             f"every finished checkpoint under {checkpoints.root} is damaged ({', '.join(str(p) for p in damaged)}): "
-            "start fresh with trainer.resume=never or another trainer.checkpoint_dir")
+            "start fresh in another hydra.run.dir, or with trainer.move_old_run=true (the old run is renamed aside)")
     return None
 
 
@@ -297,8 +307,8 @@ def compare_config(saved: dict, current: dict, *, accept: Iterable[str], path: P
     hint = (f", or keep the change on purpose with trainer.resume_accept=[{','.join(acceptable)}]" if acceptable
             else "")
     raise CheckpointError(
-        f"{path} was trained with another config ({diffs}): start fresh with trainer.resume=never or another "
-        f"trainer.checkpoint_dir{hint} (acceptable: keys that keep parameter shapes, {', '.join(ACCEPTABLE_CHANGES)})")
+        f"{path} was trained with another config ({diffs}): start fresh in another hydra.run.dir (or "
+        f"trainer.checkpoint_dir){hint} (acceptable: keys that keep parameter shapes, {', '.join(ACCEPTABLE_CHANGES)})")
 
 
 class TrainerCheckpoints:
@@ -319,7 +329,7 @@ class TrainerCheckpoints:
         def write(directory: Path) -> None:
             self.engine.save(directory)
             # Each data-parallel replica is at its own place in its own stream.
-            torch.save(self.source.state_dict(), directory / f"data_rank{self.mesh.rank}.pt")
+            save_atomically(self.source.state_dict(), directory / f"data_rank{self.mesh.rank}.pt")
 
         return self.dir.save(step, write, {"mesh": [self.mesh.dp_size, self.mesh.sp_size], "config": self.config})
 

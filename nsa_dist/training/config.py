@@ -3,7 +3,8 @@ section together with the checks that span sections. Built and validated once, b
 from a composed Hydra config, or directly in Python."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from nsa_dist.data.sources import DataConfig, check_vocab_size
 from nsa_dist.launch.config import LauncherConfig
@@ -43,6 +44,8 @@ class TrainConfig:
     checkpoint_keep: int = 2  # finished checkpoints kept on disk
     checkpoint_dir: str | None = None  # None: <run dir>/checkpoints
     resume: str = "auto"  # auto: the latest finished checkpoint, if any | never | <checkpoint path>
+    # A new run where another run's files are: rename them aside (<dir>.moved-<time>) first, never delete.
+    move_old_run: bool = False
     # Config keys a resume may change on purpose, e.g. [data.seq_len]; only keys that keep parameter shapes.
     resume_accept: list[str] = field(default_factory=list)
     # A non-finite loss or gradient norm: stop the run (naming the step), or skip that step's update and
@@ -55,6 +58,11 @@ class TrainConfig:
         self.validate()  # built means valid: no later reader validates again
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"trainer.{f.name}={value} is not a finite number, and a step computed with it "
+                                 f"is NaN: give a finite value (the default is {f.default})")
         positive = ("steps", "batch_size", "lr", "log_every", "eval_batch_size")
         for name in positive:
             if getattr(self, name) <= 0:

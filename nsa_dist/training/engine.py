@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_dist.training import distributed
-from nsa_dist.training.files import load_file
+from nsa_dist.training.files import load_file, save_atomically
 from nsa_dist.parallel import Mesh
 
 ZERO_STAGES = (1, 2, 3)
@@ -118,8 +118,8 @@ class TrainEngine:
     def save(self, directory: Path) -> None:
         # Every rank holds the same weights and optimizer state; one copy is enough.
         if self.mesh.rank == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       directory / "model_optimizer.pt")
+            save_atomically({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                            directory / "model_optimizer.pt")
 
     def load(self, directory: Path) -> None:
         state = load_file(directory / "model_optimizer.pt")

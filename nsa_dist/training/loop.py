@@ -29,7 +29,7 @@ from nsa_dist.nn.build import build_model
 from nsa_dist.nn.parallelize import parallelize
 from nsa_dist.parallel import ExchangeLog, Mesh, SequenceParallel, build_mesh
 from nsa_dist.training import distributed, metrics
-from nsa_dist.training.checkpoint import (CONFIG_SECTIONS, TrainerCheckpoints, assert_finite, checkpoint_root,
+from nsa_dist.training.checkpoint import (TrainerCheckpoints, assert_finite, checkpoint_root, run_sections,
                                           save_final)
 from nsa_dist.training.config import RunConfig, TrainConfig
 from nsa_dist.training.distributed import SINGLE_PROCESS, DistributedContext
@@ -151,7 +151,7 @@ def train(run: RunConfig, *, run_dir: Path, hparams: dict | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainerCheckpoints(checkpoint_root(cfg, run_dir), cfg.checkpoint_keep, engine=engine,
                                      source=job.source, mesh=mesh, accept=cfg.resume_accept,
-                                     config={name: asdict(getattr(run, name)) for name in CONFIG_SECTIONS})
+                                     config=run_sections(run))
     start_step, resumed_from = checkpoints.resume(cfg.resume)
     if resumed_from is not None:
         log.info("resumed from %s at step %d", resumed_from, start_step)
@@ -249,7 +249,7 @@ def train_step(engine: TrainEngine, batch: Batch, sp: SequenceParallel | None, d
     return replica_loss, step_metrics, grad_norm
 
 
-# Weights of each metric when chunks are combined: the token loss and passkey_exact average over rows
+# Weights of each metric when chunks are combined: the token loss and answer_exact average over rows
 # (every row has seq_len targets), the answer metrics over answer targets.
 _ANSWER_METRICS = ("answer_loss", "answer_accuracy")
 

@@ -6,6 +6,7 @@ Every rank makes a `RunLog` and calls it the same way; on the other ranks the Te
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,8 @@ class RunLog:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None) \
             if is_main else Discard()
         self.step_log = run_dir / "train_log.jsonl"
+        if is_main:
+            _drop_steps_from(self.step_log, start_step)
         self.log_every, self.last_step = log_every, last_step
         self.device, self.world_size = device, world_size
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
@@ -96,6 +99,20 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _drop_steps_from(step_log: Path, start_step: int) -> None:
+    """A resumed run logs the steps after its checkpoint again: their records from before the resume go,
+    so that each step is in the log once (rewritten beside the log, then renamed)."""
+    if not step_log.is_file():
+        return
+    lines = step_log.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", -1) < start_step]
+    if len(kept) == len(lines):
+        return
+    tmp = step_log.with_name(step_log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, step_log)
 
 
 def _flat_hparams(tree: dict, prefix: str = "") -> dict[str, Any]:
